@@ -1,0 +1,74 @@
+"""The engine boundary: what the proxy and the trainer may ask of an inference engine.
+
+The proxy only ever sees this Protocol, so it never learns whether tokens come from
+SGLang servers over HTTP or from the in-process torch engine.
+
+Exceptions::
+
+    EngineError                  any failure the engine reports
+    ├── EngineUnavailable        no server reachable / engine closed  (proxy: 503)
+    └── ContextLengthExceeded    prompt + max_new_tokens too long     (proxy: 400)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Protocol, runtime_checkable
+
+from areal_lite.types import GenerateRequest, GenerateResult, TokenChunk
+
+
+class EngineError(RuntimeError):
+    """The engine could not produce a completion."""
+
+
+class EngineUnavailable(EngineError):
+    """No inference server could be reached (or the engine is closed)."""
+
+
+class ContextLengthExceeded(EngineError):
+    """The prompt plus max_new_tokens does not fit the model's context."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Token-in, token-out generation with pause, weight swap and versions.
+
+    Contract:
+    - `generate` returns when the request finishes; `stream` yields `TokenChunk`s
+      with the *new* tokens as they are sampled and ends with one chunk whose
+      `finish_reason` is set. Concatenating the chunks equals `generate`'s result.
+    - Logprobs are of the sampled token under the temperature-1 distribution of the
+      weights that sampled it; `versions` names those weights per token.
+    - While paused, requests in flight stop between tokens and new requests wait;
+      after `resume` they continue (with new weights if they were swapped).
+    - Cancelling a `generate`/`stream` task aborts the request on the engine.
+    """
+
+    @property
+    def version(self) -> int:
+        """Current weight version (starts at 0, +1 per update)."""
+        ...
+
+    @property
+    def max_context_len(self) -> int:
+        """Prompt + output tokens one request may hold."""
+        ...
+
+    async def generate(self, req: GenerateRequest) -> GenerateResult: ...
+
+    def stream(self, req: GenerateRequest) -> AsyncIterator[TokenChunk]: ...
+
+    async def pause(self) -> None: ...
+
+    async def resume(self) -> None: ...
+
+    async def update_weights(
+        self,
+        named_tensors: Mapping[str, object] | Iterable[tuple[str, object]],
+        version: int,
+    ) -> None:
+        """Install new weights (call between pause and resume) and set the version."""
+        ...
+
+    async def close(self) -> None: ...
