@@ -86,3 +86,21 @@ class Sample(msgspec.Struct, kw_only=True):
     raw_reward: float  # reward as assigned, before discount (0.0 when none was given)
     episode_id: str = ""  # the session that produced it
     completion_ids: list[str] = []  # completions this sample covers (concat: root..leaf)
+
+
+class CompletionNode(msgspec.Struct, kw_only=True):
+    """One sampled completion of an episode, as the proxy records it in the cache.
+
+    Prefix-stable invariant: when `parent_id` is set, `prompt_ids` starts with the
+    parent's `prompt_ids + output_ids` (the child continues the parent's exact tokens).
+    """
+
+    id: str  # unique in its session: response id, or "{response_id}/{i}" for choice i of n>1
+    response_id: str  # the id the client saw (`response.id`); rewards may be keyed by it
+    parent_id: str | None  # the completion this one continues, None for a root
+    prompt_ids: list[int]  # full prompt tokens sent to the engine
+    output_ids: list[int]  # sampled tokens (incl. the stop token when one ended it)
+    logprobs: list[float]  # one per output token
+    versions: list[int]  # weight version per output token
+    finish_reason: str  # "stop" | "length" | "abort"
+    text: str = ""  # decoded prompt + output, used by the proxy for prefix matching
