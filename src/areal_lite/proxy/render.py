@@ -1,0 +1,243 @@
+"""Proxy stage 1: OpenAI messages -> chat-template text -> prompt token ids, reusing the
+session's earlier completions token for token (DESIGN decision 2, prefix-stable rendering).
+
+A request that extends an earlier completion of the same session (that completion's
+prompt + its sampled reply, as the template renders them) gets the earlier completion's
+exact `prompt_ids + output_ids`, followed by the tokenization of only the new text. So
+the tokens we train on are the tokens that were sampled, the conversation forms a tree,
+and the inference server's prefix cache hits. When no earlier completion matches (the
+agent edited the history, the template strips `<think>`, tool calls were re-serialized),
+the whole conversation is tokenized afresh and the request starts a new root; if it
+contained an assistant turn, that is a *prefix break* the proxy counts.
+
+Matching is done on text, not tokens: each completion keeps `text = decode(prompt_ids +
+output_ids)`, and a completion matches when its text is a proper prefix of the new
+render. Re-tokenizing the history would drift on real BPE tokenizers (the sampled
+tokens are rarely the canonical tokenization of their text).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
+
+import jinja2
+import msgspec
+
+from areal_lite.types import CompletionNode
+
+__all__ = ["ChatRenderer", "ChatTokenizer", "Prompt", "normalize_messages"]
+
+# OpenAI roles -> the roles chat templates know.
+_ROLES = {"system": "system", "developer": "system", "user": "user",
+          "assistant": "assistant", "tool": "tool"}
+_TEXT_PARTS = frozenset({"text", "input_text", "output_text"})
+_IMAGE_PARTS = frozenset({"image_url", "input_image", "image"})
+
+
+class ChatTokenizer(Protocol):
+    """The part of a Hugging Face tokenizer the renderer uses."""
+
+    eos_token_id: int | None
+
+    def apply_chat_template(self, conversation: list[dict], **kwargs: Any) -> Any: ...
+
+    def encode(self, text: str, **kwargs: Any) -> list[int]: ...
+
+    def decode(self, token_ids: list[int], **kwargs: Any) -> str: ...
+
+
+class Prompt(msgspec.Struct, kw_only=True):
+    """A rendered, tokenized request, ready for the engine."""
+
+    input_ids: list[int]  # full prompt tokens (parent's prompt+output tokens first, if any)
+    text: str  # the chat template's rendering of the request
+    parent_id: str | None  # the completion whose tokens input_ids starts with; None = root
+    prefix_break: bool  # True: continues a conversation no earlier completion matched
+
+
+# ----------------------------------------------------------------------------- messages
+
+def _content_text(content: Any, where: str) -> str:
+    """OpenAI message content (str | None | list of parts) -> plain text."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ValueError(f"{where}.content must be a string, null or a list of parts, "
+                         f"got {type(content).__name__}")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind in _IMAGE_PARTS:
+            raise ValueError(f"{where}.content[{j}]: image content is not supported "
+                             "(this proxy serves text-only models)")
+        if kind not in _TEXT_PARTS or not isinstance(part.get("text"), str):
+            raise ValueError(f"{where}.content[{j}] must be {{\"type\": \"text\", "
+                             f"\"text\": <string>}}, got {part!r:.200}")
+        texts.append(part["text"])
+    # Same joining rule as vLLM, so agents see the same behaviour on both servers.
+    return "\n".join(texts)
+
+
+def _tool_call(call: Any, where: str) -> dict:
+    """Validate one assistant tool call; arguments become a dict when they are JSON."""
+    fn = call.get("function") if isinstance(call, Mapping) else None
+    if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
+        raise ValueError(f"{where} must look like {{\"type\": \"function\", \"function\": "
+                         f"{{\"name\": ..., \"arguments\": \"{{...}}\"}}}}, got {call!r:.200}")
+    args = fn.get("arguments", "{}")
+    if isinstance(args, str):
+        # Qwen-style templates `tojson` the arguments, which would quote a string.
+        try:
+            decoded = json.loads(args) if args.strip() else {}
+        except ValueError:
+            decoded = None
+        if isinstance(decoded, dict):
+            args = decoded
+    elif not isinstance(args, Mapping):
+        raise ValueError(f"{where}.function.arguments must be a JSON string or an object, "
+                         f"got {type(args).__name__}")
+    out = {"type": call.get("type", "function"),
+           "function": {"name": fn["name"], "arguments": args}}
+    if call.get("id") is not None:
+        out["id"] = call["id"]
+    return out
+
+
+def _normalize_message(msg: Any, i: int) -> dict:
+    where = f"messages[{i}]"
+    if not isinstance(msg, Mapping):
+        raise ValueError(f"{where} must be an object with 'role' and 'content', "
+                         f"got {type(msg).__name__}")
+    if "role" not in msg:
+        raise ValueError(f"{where} has no 'role' (one of {sorted(_ROLES)})")
+    role = _ROLES.get(msg["role"]) if isinstance(msg["role"], str) else None
+    if role is None:
+        raise ValueError(f"{where}.role {msg['role']!r} is not supported; "
+                         f"use one of {sorted(_ROLES)}")
+    out: dict[str, Any] = {"role": role, "content": _content_text(msg.get("content"), where)}
+    if role == "assistant":
+        calls = msg.get("tool_calls")
+        if calls:
+            if not isinstance(calls, list):
+                raise ValueError(f"{where}.tool_calls must be a list")
+            out["tool_calls"] = [_tool_call(c, f"{where}.tool_calls[{j}]")
+                                 for j, c in enumerate(calls)]
+        if isinstance(msg.get("reasoning_content"), str):
+            out["reasoning_content"] = msg["reasoning_content"]
+    if role == "tool" and msg.get("tool_call_id") is not None:
+        out["tool_call_id"] = msg["tool_call_id"]
+    if isinstance(msg.get("name"), str):
+        out["name"] = msg["name"]
+    return out
+
+
+def normalize_messages(messages: Any) -> list[dict]:
+    """OpenAI-shaped chat messages -> the plain dicts chat templates expect.
+
+    Content parts are joined into one string ("\\n" between text parts), `developer`
+    becomes `system`, None content becomes "", assistant tool-call arguments that are a
+    JSON object string become a dict. Raises ValueError naming the offending message.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {role, content} objects")
+    return [_normalize_message(m, i) for i, m in enumerate(messages)]
+
+
+# ----------------------------------------------------------------------------- renderer
+
+class ChatRenderer:
+    """Renders chat requests to token ids for one tokenizer (pure: no I/O, no state).
+
+    `chat_template_kwargs` are passed to the template on every render (e.g.
+    `{"enable_thinking": False}`); `stop_token_ids` are stripped from the end of an
+    output like the tokenizer's eos token.
+    """
+
+    def __init__(self, tokenizer: ChatTokenizer, *,
+                 chat_template_kwargs: dict | None = None,
+                 stop_token_ids: Iterable[int] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.stop_token_ids = frozenset(stop_token_ids) | ({eos} if eos is not None else set())
+
+    def with_template_kwargs(self, extra: Mapping[str, Any]) -> ChatRenderer:
+        """A renderer with `extra` template variables on top of this one's."""
+        return ChatRenderer(self.tokenizer,
+                            chat_template_kwargs={**self.chat_template_kwargs, **extra},
+                            stop_token_ids=self.stop_token_ids)
+
+    def render_text(self, messages: list[dict], tools: list[dict] | None = None,
+                    add_generation_prompt: bool = True) -> str:
+        """The chat template's text for these messages (and tool schemas)."""
+        msgs = normalize_messages(messages)
+        if tools is not None and (not isinstance(tools, list)
+                                  or not all(isinstance(t, Mapping) for t in tools)):
+            raise ValueError("tools must be a list of {\"type\": \"function\", "
+                             "\"function\": {...}} objects")
+        try:
+            text = self.tokenizer.apply_chat_template(
+                msgs, tools=tools or None, tokenize=False,
+                add_generation_prompt=add_generation_prompt, **self.chat_template_kwargs)
+        except jinja2.TemplateError as e:
+            raise ValueError(f"the model's chat template rejected these messages: {e}") from e
+        assert isinstance(text, str), f"apply_chat_template returned {type(text).__name__}"
+        return text
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; adds no BOS/EOS (the template already has them)."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of `ids`, special tokens included, no whitespace clean-up."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False,
+                                     clean_up_tokenization_spaces=False)
+
+    def decode_output(self, ids: list[int], matched_stop: int | str | None = None) -> str:
+        """The text of a completion as the client sees it: without the token (eos or
+        `matched_stop` id) or stop string that ended it."""
+        ids = list(ids)
+        if ids and (ids[-1] in self.stop_token_ids or ids[-1] == matched_stop):
+            ids = ids[:-1]
+        text = self.decode(ids)
+        if isinstance(matched_stop, str) and matched_stop and text.endswith(matched_stop):
+            text = text[:-len(matched_stop)]
+        return text
+
+    def node_text(self, prompt_ids: list[int], output_ids: list[int]) -> str:
+        """The text a completion is matched by (fill `CompletionNode.text` with it)."""
+        return self.decode(list(prompt_ids) + list(output_ids))
+
+    def build_prompt(self, messages: list[dict], tools: list[dict] | None,
+                     candidates: Iterable[CompletionNode]) -> Prompt:
+        """Render and tokenize a request, continuing the best earlier completion.
+
+        `candidates` are the session's earlier completions. The one whose `text` is the
+        longest proper prefix of the render becomes the parent, and its exact
+        prompt+output tokens start `input_ids`; only the rest of the text is tokenized.
+        """
+        full = self.render_text(messages, tools)
+        parent = _longest_prefix(full, candidates)
+        if parent is None:
+            continued = any(m.get("role") == "assistant" for m in messages
+                            if isinstance(m, Mapping))
+            return Prompt(input_ids=self.encode(full), text=full, parent_id=None,
+                          prefix_break=continued)
+        ids = list(parent.prompt_ids) + list(parent.output_ids)
+        ids += self.encode(full[len(parent.text):])
+        return Prompt(input_ids=ids, text=full, parent_id=parent.id, prefix_break=False)
+
+
+def _longest_prefix(full: str, candidates: Iterable[CompletionNode]) -> CompletionNode | None:
+    """The candidate whose non-empty text is the longest proper prefix of `full`."""
+    best: CompletionNode | None = None
+    best_len = 0
+    for node in candidates:
+        n = len(node.text)
+        if best_len < n < len(full) and full.startswith(node.text):
+            best, best_len = node, n
+    return best
