@@ -1,0 +1,183 @@
+"""Proxy: the OpenAI-compatible front door of the rollout engine.
+
+Routes (same handlers over TCP and in process):
+
+    GET  /v1/models                        any session key or the admin key
+    POST /v1/chat/completions              session key -> that session's tree only
+    POST /admin/sessions                   admin key: start a session -> {session_id, api_key}
+    POST /admin/sessions/{id}/reward       admin key: {"reward": x, "completion_id": optional}
+    POST /admin/sessions/{id}/end          admin key: end it, export -> {"samples": [...]}
+    GET  /admin/stats                      admin key: counters
+
+Errors are OpenAI-shaped JSON: 400 malformed body, 401 unknown key, 403 a session key
+on an admin route, 404 unknown route or session, 503 no engine reachable.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+
+import httpx2
+import msgspec
+from aiohttp import web
+
+from areal_lite.engine.base import Engine
+from areal_lite.proxy.chat import ChatCompletions, ChatDefaults
+from areal_lite.proxy.http import (ApiError, InProcessTransport, ProxyRequest, ProxyResponse,
+                                   json_response, make_aiohttp_app)
+from areal_lite.proxy.render import ChatRenderer
+from areal_lite.proxy.sessions import Session, SessionTable
+from areal_lite.types import Sample
+
+log = logging.getLogger(__name__)
+
+Exporter = Callable[[Session], list[Sample]]
+
+
+class ProxyServer:
+    """Owns the sessions, the chat endpoint and (while entered) a loopback TCP server.
+
+    `async with ProxyServer(...) as proxy:` listens on `host:port` (port 0 picks a free
+    one); `proxy.base_url` is the `/v1` URL for agents, `proxy.http_client()` an
+    in-process `httpx2.AsyncClient` for inline agents.
+    """
+
+    def __init__(self, *, engine: Engine, renderer: ChatRenderer, exporter: Exporter,
+                 host: str = "127.0.0.1", port: int = 0, model_name: str = "default",
+                 tool_parser: str = "none", reasoning: bool = False,
+                 defaults: ChatDefaults = ChatDefaults(), max_request_mb: float = 16) -> None:
+        self.sessions = SessionTable()
+        self.engine = engine
+        self.exporter = exporter
+        self.model_name = model_name
+        self.host, self.port = host, port
+        self.max_request_bytes = int(max_request_mb * (1 << 20))
+        self.chat = ChatCompletions(engine=engine, renderer=renderer, sessions=self.sessions,
+                                    defaults=defaults, model_name=model_name,
+                                    tool_parser=tool_parser, reasoning=reasoning)
+        self.num_errors: dict[int, int] = {}  # HTTP status -> count of error replies
+        self._runner: web.AppRunner | None = None
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def __aenter__(self) -> ProxyServer:
+        app = make_aiohttp_app(self.dispatch, max_request_bytes=self.max_request_bytes)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, backlog=4096)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def http_client(self, **kwargs) -> httpx2.AsyncClient:
+        """An httpx2 client whose requests are served in process (no socket)."""
+        transport = InProcessTransport(self.dispatch, max_request_bytes=self.max_request_bytes)
+        return httpx2.AsyncClient(transport=transport, **kwargs)
+
+    # --- dispatch --------------------------------------------------------------------
+
+    async def dispatch(self, req: ProxyRequest) -> ProxyResponse:
+        try:
+            resp = await self._route(req)
+        except ApiError as e:
+            resp = e.response()
+        except Exception:  # a bug in a handler must not kill the server; report 500
+            log.exception("proxy handler failed on %s %s", req.method, req.path)
+            resp = ApiError(500, "internal proxy error", type="server_error").response()
+        if resp.status >= 400:
+            self.num_errors[resp.status] = self.num_errors.get(resp.status, 0) + 1
+        return resp
+
+    async def _route(self, req: ProxyRequest) -> ProxyResponse:
+        path = req.path.rstrip("/")
+        if path == "/v1/chat/completions" and req.method == "POST":
+            session = self._session_for(req)
+            return await self.chat.handle(session, _json_body(req))
+        if path == "/v1/models" and req.method == "GET":
+            if req.bearer() != self.sessions.admin_key:
+                self._session_for(req)
+            return json_response({"object": "list", "data": [{
+                "id": self.model_name, "object": "model", "created": int(time.time()),
+                "owned_by": "areal-lite", "max_model_len": self.engine.max_context_len}]})
+        if path.startswith("/admin/"):
+            self._require_admin(req)
+            return await self._admin(req, path)
+        raise ApiError(404, f"unknown route {req.method} {req.path}", code="not_found")
+
+    def _session_for(self, req: ProxyRequest) -> Session:
+        key = req.bearer()
+        session = self.sessions.by_key(key) if key else None
+        if session is None:
+            raise ApiError(401, "invalid or expired session API key", code="invalid_api_key")
+        return session
+
+    def _require_admin(self, req: ProxyRequest) -> None:
+        key = req.bearer()
+        if key != self.sessions.admin_key:
+            if key and self.sessions.by_key(key) is not None:
+                raise ApiError(403, "session keys cannot use admin routes",
+                               type="permission_error", code="forbidden")
+            raise ApiError(401, "invalid admin API key", code="invalid_api_key")
+
+    # --- admin -----------------------------------------------------------------------
+
+    async def _admin(self, req: ProxyRequest, path: str) -> ProxyResponse:
+        parts = path.split("/")  # ["", "admin", "sessions", id, verb]
+        if path == "/admin/stats" and req.method == "GET":
+            return json_response(self.stats())
+        if path == "/admin/sessions" and req.method == "POST":
+            session = self.sessions.start()
+            return json_response({"session_id": session.id, "api_key": session.key})
+        if len(parts) == 5 and parts[2] == "sessions" and req.method == "POST":
+            session = self.sessions.by_id(parts[3])
+            if session is None:
+                raise ApiError(404, f"unknown session {parts[3]!r}", code="not_found")
+            if parts[4] == "reward":
+                set_reward_from_body(session, _json_body(req))
+                return json_response({"ok": True})
+            if parts[4] == "end":
+                samples = self.exporter(self.sessions.end(session.id))
+                return ProxyResponse(status=200, body=msgspec.json.encode({"samples": samples}))
+        raise ApiError(404, f"unknown admin route {req.method} {req.path}", code="not_found")
+
+    def stats(self) -> dict:
+        return {"sessions_live": len(self.sessions), "sessions_started": self.sessions.num_started,
+                "prefix_breaks": self.sessions.num_prefix_breaks,
+                "errors": {str(k): v for k, v in self.num_errors.items()}}
+
+
+def set_reward_from_body(session: Session, body: object) -> None:
+    if not isinstance(body, dict):
+        raise ApiError(400, "body must be a JSON object")
+    reward = body.get("reward")
+    if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
+        raise ApiError(400, f"'reward' must be a finite number, got {reward!r}", param="reward")
+    key = body.get("completion_id")
+    try:
+        if key is None:
+            session.cache.set_last_reward(float(reward))
+        else:
+            session.cache.set_reward(str(key), float(reward))
+    except (KeyError, ValueError) as e:
+        raise ApiError(400, str(e).strip("'\""), param="completion_id") from None
+
+
+def _json_body(req: ProxyRequest) -> object:
+    if not req.body:
+        raise ApiError(400, "request body is empty; expected JSON")
+    try:
+        return msgspec.json.decode(req.body)
+    except msgspec.DecodeError as e:
+        raise ApiError(400, f"request body is not valid JSON: {e}") from None

@@ -1,0 +1,137 @@
+"""Proxy transport: one handler signature, served over aiohttp TCP and in process.
+
+Handlers take a `ProxyRequest` and return a `ProxyResponse`; they never see aiohttp or
+httpx. `serve_aiohttp` adapts them to a TCP server (external and subproc agents), and
+`InProcessTransport` adapts them to an `httpx2.AsyncClient` (inline agents: no socket,
+no HTTP parsing, same event loop) — decision 6, "one hop".
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import httpx2
+import msgspec
+from aiohttp import web
+
+_JSON = {"content-type": "application/json"}
+_SSE = {"content-type": "text/event-stream", "cache-control": "no-cache"}
+
+
+@dataclass(slots=True)
+class ProxyRequest:
+    method: str  # upper case
+    path: str  # without query string
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+
+    def bearer(self) -> str | None:
+        """The bearer token (OpenAI SDK) or x-api-key (Anthropic SDK), if any."""
+        auth = self.headers.get("authorization", "")
+        if auth[:7].lower() == "bearer ":
+            return auth[7:].strip()
+        return self.headers.get("x-api-key")
+
+
+@dataclass(slots=True)
+class ProxyResponse:
+    status: int
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=lambda: dict(_JSON))
+    stream: AsyncIterator[bytes] | None = None  # SSE body, when streaming
+
+
+Handler = Callable[[ProxyRequest], Awaitable[ProxyResponse]]
+
+
+def json_response(obj: object, status: int = 200) -> ProxyResponse:
+    return ProxyResponse(status=status, body=msgspec.json.encode(obj))
+
+
+def sse_response(chunks: AsyncIterator[bytes]) -> ProxyResponse:
+    return ProxyResponse(status=200, headers=dict(_SSE), stream=chunks)
+
+
+class ApiError(Exception):
+    """An OpenAI-shaped error: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = (
+            status, message, type, code, param)
+
+    def response(self) -> ProxyResponse:
+        return json_response({"error": {"message": self.message, "type": self.type,
+                                        "param": self.param, "code": self.code}},
+                             self.status)
+
+
+def sse_event(obj: object) -> bytes:
+    return b"data: " + msgspec.json.encode(obj) + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+# --- aiohttp (TCP) -------------------------------------------------------------------
+
+def make_aiohttp_app(dispatch: Handler, *, max_request_bytes: int) -> web.Application:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        preq = ProxyRequest(method=request.method, path=request.path,
+                            headers={k.lower(): v for k, v in request.headers.items()},
+                            body=body)
+        presp = await dispatch(preq)
+        if presp.stream is None:
+            return web.Response(status=presp.status, body=presp.body, headers=presp.headers)
+        resp = web.StreamResponse(status=presp.status, headers=presp.headers)
+        await resp.prepare(request)
+        try:
+            async for chunk in presp.stream:
+                await resp.write(chunk)
+        finally:
+            await presp.stream.aclose()  # type: ignore[attr-defined]
+        await resp.write_eof()
+        return resp
+
+    app = web.Application(client_max_size=max_request_bytes)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
+
+
+# --- in process (httpx2) -------------------------------------------------------------
+
+class _ChunkStream(httpx2.AsyncByteStream):
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self._chunks = chunks
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._chunks:
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()  # type: ignore[attr-defined]
+
+
+class InProcessTransport(httpx2.AsyncBaseTransport):
+    """An httpx2 transport that calls the proxy's handlers directly in this loop."""
+
+    def __init__(self, dispatch: Handler, *, max_request_bytes: int) -> None:
+        self._dispatch = dispatch
+        self._max_request_bytes = max_request_bytes
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        body = await request.aread()
+        if len(body) > self._max_request_bytes:
+            presp = ApiError(413, "request body too large").response()
+        else:
+            presp = await self._dispatch(ProxyRequest(
+                method=request.method, path=request.url.path,
+                headers={k.lower(): v for k, v in request.headers.items()}, body=body))
+        if presp.stream is None:
+            return httpx2.Response(presp.status, headers=presp.headers, content=presp.body,
+                                   request=request)
+        return httpx2.Response(presp.status, headers=presp.headers,
+                               stream=_ChunkStream(presp.stream), request=request)

@@ -1,0 +1,71 @@
+"""Agent workflows used by the tests (importable by dotted path and by subprocesses)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from openai import AsyncOpenAI, OpenAI
+
+
+def _client(kwargs) -> AsyncOpenAI:
+    return AsyncOpenAI(base_url=kwargs["base_url"], api_key=kwargs["api_key"],
+                       http_client=kwargs.get("http_client"), max_retries=0)
+
+
+class ChatAgent:
+    """K turns of chat; reward = number of turns whose reply is non-empty."""
+
+    def __init__(self, turns: int = 1, max_tokens: int = 8) -> None:
+        self.turns, self.max_tokens = turns, max_tokens
+
+    async def run(self, data, **kwargs):
+        client = _client(kwargs)
+        messages = [{"role": "user", "content": data["question"]}]
+        for k in range(self.turns):
+            resp = await client.chat.completions.create(
+                model="default", messages=messages, max_tokens=self.max_tokens)
+            messages += [{"role": "assistant", "content": resp.choices[0].message.content},
+                         {"role": "user", "content": f"and then {k}?"}]
+        return float(self.turns)
+
+
+class DictRewardAgent:
+    """Two calls; rewards keyed by completion id."""
+
+    async def run(self, data, **kwargs):
+        client = _client(kwargs)
+        ids = []
+        for q in ("one", "two"):
+            resp = await client.chat.completions.create(
+                model="default", messages=[{"role": "user", "content": q}], max_tokens=4)
+            ids.append(resp.id)
+        return {ids[0]: 0.25, ids[1]: np.float32(1.0)}
+
+
+class FailingAgent:
+    async def run(self, data, **kwargs):
+        if data.get("fail"):
+            raise RuntimeError("agent exploded on purpose")
+        await _client(kwargs).chat.completions.create(
+            model="default", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        return 1
+
+
+class BadRewardAgent:
+    async def run(self, data, **kwargs):
+        await _client(kwargs).chat.completions.create(
+            model="default", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        return "not a number"
+
+
+class SyncEnvAgent:
+    """Subprocess style: sync OpenAI client configured from the environment."""
+
+    async def run(self, data, **kwargs):
+        client = OpenAI(base_url=os.environ["OPENAI_BASE_URL"],
+                        api_key=os.environ["OPENAI_API_KEY"], max_retries=0)
+        resp = client.chat.completions.create(
+            model="default", messages=[{"role": "user", "content": data["question"]}],
+            max_tokens=4)
+        return True if resp.choices[0].message.content is not None else 0
