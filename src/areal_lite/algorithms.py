@@ -39,7 +39,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Annotated, Literal, NamedTuple
 
 import msgspec
 import torch
@@ -68,42 +68,31 @@ __all__ = [
 ]
 
 
+_NonNeg = Annotated[float, msgspec.Meta(ge=0)]
+
+
 class AlgorithmConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """The `algorithm` section: how rewards become advantages and logprobs a loss."""
+    """The `algorithm` section: how rewards become advantages and logprobs a loss.
+
+    Loss aggregation: token_mean = sum over loss tokens / loss tokens in the batch;
+    seq_mean_token_sum (Dr.GRPO) = sum over loss tokens / (sequences x max_new_tokens);
+    seq_mean_token_mean = mean over each sequence's tokens, then over sequences.
+    Behaviour weight cap: tokens whose pi_prox/pi_behav exceeds it are masked out (loss 0,
+    still counted in the normalizer).
+    """
 
     adv_estimator: Literal["grpo", "dr_grpo", "rloo", "reinforce"] = "grpo"  # see module doc
     reinforce_baseline: bool = False  # reinforce only: subtract the batch mean episode reward
-    loss_agg: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"] = "token_mean"
-    # token_mean: sum over loss tokens / loss tokens in the batch; seq_mean_token_sum
-    # (Dr.GRPO): sum over loss tokens / (sequences x max_new_tokens); seq_mean_token_mean:
-    # mean over each sequence's tokens, then mean over sequences
-    clip_eps_low: float = 0.2  # ratio pi/pi_prox is clipped below at 1 - clip_eps_low
-    clip_eps_high: float = 0.2  # ... and above at 1 + clip_eps_high; 0.28 = DAPO clip-higher
-    behav_imp_weight_cap: float = 5.0  # max pi_prox/pi_behav per token; tokens above it are
-    # masked out (loss 0, still counted in the normalizer); 0 = no cap (weights used as-is)
-    kl_coef: float = 0.0  # weight of the KL penalty to a frozen reference; 0 = no reference
+    loss_agg: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"] = "token_mean"  # see above
+    clip_eps_low: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.2  # ratio clipped below at 1 - this
+    clip_eps_high: _NonNeg = 0.2  # ... and above at 1 + this; 0.28 = DAPO clip-higher
+    behav_imp_weight_cap: _NonNeg = 5.0  # max pi_prox/pi_behav per token (>= 1); 0 = no cap
+    kl_coef: _NonNeg = 0.0  # weight of the KL penalty to a frozen reference; 0 = no reference
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # per-token estimator of KL(pi || ref)
     dynamic_filtering: bool = False  # drop groups whose rewards are all equal (DAPO)
-    overlong_buffer_len: int = 0  # tokens before the length limit where the soft overlong
-    # penalty ramps up (DAPO); 0 = off
-    overlong_penalty_factor: float = 1.0  # penalty at the length limit, in reward units
-    eps: float = 1e-6  # added to the group std in grpo (reward units)
-
-    def __post_init__(self) -> None:
-        checks = [
-            ("clip_eps_low", 0.0 <= self.clip_eps_low < 1.0, "in [0, 1)"),
-            ("clip_eps_high", self.clip_eps_high >= 0.0, ">= 0"),
-            ("behav_imp_weight_cap", self.behav_imp_weight_cap == 0.0
-             or self.behav_imp_weight_cap >= 1.0, "0 (off) or >= 1"),
-            ("kl_coef", self.kl_coef >= 0.0, ">= 0"),
-            ("overlong_buffer_len", self.overlong_buffer_len >= 0, ">= 0"),
-            ("overlong_penalty_factor", self.overlong_penalty_factor >= 0.0, ">= 0"),
-            ("eps", self.eps > 0.0, "> 0"),
-        ]
-        for name, ok, want in checks:
-            if not ok:
-                raise ValueError(f"algorithm.{name} must be {want}, got "
-                                 f"{getattr(self, name)!r} (config.toml)")
+    overlong_buffer_len: Annotated[int, msgspec.Meta(ge=0)] = 0  # tokens of soft overlong ramp; 0 = off
+    overlong_penalty_factor: _NonNeg = 1.0  # penalty at the length limit, in reward units
+    eps: Annotated[float, msgspec.Meta(gt=0)] = 1e-6  # added to the group std in grpo (reward units)
 
 
 # ----------------------------------------------------------------------------- advantages

@@ -32,6 +32,10 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from areal_lite.algorithms import AlgorithmConfig
+from areal_lite.learner import LearnerConfig
+from areal_lite.metrics import MetricsConfig
+
 __all__ = [
     "ActorConfig",
     "AgentConfig",
@@ -44,6 +48,7 @@ __all__ = [
     "SGLangConfig",
     "SamplingConfig",
     "SchedulerConfig",
+    "TrainerConfig",
     "config_to_toml",
     "load_config",
     "loads_config",
@@ -202,6 +207,16 @@ class DataConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     shuffle: bool = True  # reshuffle the train rows every epoch (seeded)
 
 
+class TrainerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The training loop's schedule."""
+
+    total_steps: PosInt = 20  # RL steps (one batch of groups + one policy update each)
+    eval_every: NonNegInt = 5  # steps between greedy evals of the eval split; 0 = never
+    save_every: NonNegInt = 5  # steps between checkpoints; 0 = only at the end
+    keep_checkpoints: PosInt = 2  # newest checkpoints kept on disk
+    max_eval_prompts: NonNegInt = 0  # eval rows used per eval; 0 = all
+
+
 class ExperimentConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The whole run. Outputs go to `{run_dir}/{experiment_name}/{trial_name}`."""
 
@@ -214,6 +229,10 @@ class ExperimentConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     actor: ActorConfig = msgspec.field(default_factory=ActorConfig)  # the policy model
     rollout: RolloutConfig = msgspec.field(default_factory=RolloutConfig)  # making episodes
     data: DataConfig = msgspec.field(default_factory=DataConfig)  # prompts
+    trainer: TrainerConfig = msgspec.field(default_factory=TrainerConfig)  # loop schedule
+    train: LearnerConfig = msgspec.field(default_factory=LearnerConfig)  # optimizer, micro-batches
+    algorithm: AlgorithmConfig = msgspec.field(default_factory=AlgorithmConfig)  # advantages, loss
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)  # logging and plots
     scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)  # placement
 
     def __post_init__(self) -> None:

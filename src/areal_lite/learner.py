@@ -29,7 +29,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 import torch
@@ -60,43 +60,34 @@ __all__ = [
 ]
 
 
-class LearnerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """The `train` section: optimizer, learning-rate schedule, micro-batching, PPO updates."""
+_Pos = Annotated[float, msgspec.Meta(gt=0)]
+_NonNeg = Annotated[float, msgspec.Meta(ge=0)]
+_NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+_PosInt = Annotated[int, msgspec.Meta(ge=1)]
+_Beta = Annotated[float, msgspec.Meta(ge=0, lt=1)]
 
-    lr: float = 1e-6  # peak AdamW learning rate (reached after warmup)
-    weight_decay: float = 0.0  # AdamW decoupled weight decay coefficient
-    adam_betas: tuple[float, float] = (0.9, 0.999)  # AdamW moment decay rates, each in [0, 1)
-    adam_eps: float = 1e-8  # AdamW denominator epsilon
-    grad_clip: float = 1.0  # max global L2 norm of the gradient; 0 = no clipping
+
+class LearnerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The `train` section: optimizer, learning-rate schedule, micro-batches, PPO updates."""
+
+    lr: _Pos = 1e-6  # peak AdamW learning rate (reached after warmup)
+    weight_decay: _NonNeg = 0.0  # AdamW decoupled weight decay coefficient
+    adam_betas: tuple[_Beta, _Beta] = (0.9, 0.999)  # AdamW moment decay rates, each in [0, 1)
+    adam_eps: _Pos = 1e-8  # AdamW denominator epsilon
+    grad_clip: _NonNeg = 1.0  # max global L2 norm of the gradient; 0 = no clipping
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"  # decay after warmup
-    warmup_steps: int = 0  # train steps of linear warmup from lr / warmup_steps up to lr
-    total_steps: int = 0  # train steps by which cosine/linear decay reaches 0; 0 = no decay
-    max_tokens_per_microbatch: int = 4096  # padded tokens (rows x longest row) per forward
+    warmup_steps: _NonNegInt = 0  # train steps of linear warmup from lr / warmup_steps up to lr
+    total_steps: _NonNegInt = 0  # train steps by which cosine/linear decay reaches 0; 0 = no decay
+    max_tokens_per_microbatch: _PosInt = 4096  # padded tokens (rows x longest row) per forward
     packing: bool = True  # sort by length and fill micro-batches up to the token budget
-    ppo_epochs: int = 1  # passes over each batch
-    num_minibatches: int = 1  # optimizer steps per pass (the batch is split in this many)
-    recompute_proximal: bool = True  # decoupled PPO: proximal logprobs from the current
-    # weights before the update; False = proximal is the behaviour policy
+    ppo_epochs: _PosInt = 1  # passes over each batch
+    num_minibatches: _PosInt = 1  # optimizer steps per pass (the batch is split in this many)
+    recompute_proximal: bool = True  # proximal logprobs from current weights; False = behaviour
 
     def __post_init__(self) -> None:
-        checks = [
-            ("lr", self.lr > 0.0, "> 0"),
-            ("weight_decay", self.weight_decay >= 0.0, ">= 0"),
-            ("adam_betas", all(0.0 <= b < 1.0 for b in self.adam_betas), "two values in [0, 1)"),
-            ("adam_eps", self.adam_eps > 0.0, "> 0"),
-            ("grad_clip", self.grad_clip >= 0.0, ">= 0 (0 = off)"),
-            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
-            ("total_steps", self.total_steps >= 0, ">= 0 (0 = no decay)"),
-            ("total_steps", self.total_steps == 0 or self.lr_schedule == "constant"
-             or self.total_steps > self.warmup_steps, "> warmup_steps for a decay schedule"),
-            ("max_tokens_per_microbatch", self.max_tokens_per_microbatch >= 1, ">= 1"),
-            ("ppo_epochs", self.ppo_epochs >= 1, ">= 1"),
-            ("num_minibatches", self.num_minibatches >= 1, ">= 1"),
-        ]
-        for name, ok, want in checks:
-            if not ok:
-                raise ValueError(f"train.{name} must be {want}, got {getattr(self, name)!r} "
-                                 f"(config.toml)")
+        if self.total_steps and self.lr_schedule != "constant" and self.total_steps <= self.warmup_steps:
+            raise ValueError(f"train.total_steps must be > train.warmup_steps for a decay "
+                             f"schedule, got {self.total_steps} <= {self.warmup_steps}")
 
 
 # ------------------------------------------------------------------------ pure helpers
