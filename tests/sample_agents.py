@@ -69,3 +69,16 @@ class SyncEnvAgent:
             model="default", messages=[{"role": "user", "content": data["question"]}],
             max_tokens=4)
         return True if resp.choices[0].message.content is not None else 0
+
+
+class LengthRewardAgent:
+    """One turn; reward depends on the reply so groups have variance (for RL tests)."""
+
+    seen: list = []  # question ids this process ran (tests inspect it)
+
+    async def run(self, data, **kwargs):
+        resp = await _client(kwargs).chat.completions.create(
+            model="default", messages=[{"role": "user", "content": data["question"]}],
+            max_tokens=6)
+        LengthRewardAgent.seen.append(data.get("id"))
+        return (len(resp.choices[0].message.content or "") % 3) / 2

@@ -71,15 +71,16 @@ class RolloutController:
         self.stats = RolloutStats()
         self.num_running = 0  # episodes in flight (staleness accounting)
 
-    async def run_group(self, data: dict, n: int) -> GroupResult:
+    async def run_group(self, data: dict, n: int, *, greedy: bool = False) -> GroupResult:
         async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(self.run_episode(data)) for _ in range(n)]
+            tasks = [tg.create_task(self.run_episode(data, greedy=greedy)) for _ in range(n)]
         return GroupResult(data=data, episodes=[t.result() for t in tasks])
 
-    async def run_episode(self, data: dict) -> EpisodeResult:
+    async def run_episode(self, data: dict, *, greedy: bool = False) -> EpisodeResult:
+        """One episode; `greedy` forces temperature 0 on all its requests (eval)."""
         async with self._slots:
             self.num_running += 1
-            session = self.proxy.sessions.start()
+            session = self.proxy.sessions.start(greedy=greedy)
             try:
                 return await self._episode(session, data)
             finally:

@@ -141,6 +141,8 @@ class ChatCompletions:
         req = parse_chat_request(body, self.defaults)
         prompt = self._prompt(session, req)
         req.sampling = self._fit_context(req, len(prompt.input_ids))
+        if session.greedy:
+            req.sampling = replace(req.sampling, temperature=0.0)
         rid = "chatcmpl-" + secrets.token_hex(12)
         session.num_requests += 1
         if req.stream:
@@ -174,9 +176,8 @@ class ChatCompletions:
                 f"tokens. However, you requested {prompt_len + wanted} tokens "
                 f"({prompt_len} in the messages, {wanted} in the completion).",
                 code="context_length_exceeded", param="messages")
-        seed = req.sampling.seed
         return replace(req.sampling, max_new_tokens=min(wanted, room),
-                       stop_token_ids=tuple(self.renderer.stop_token_ids), seed=seed)
+                       stop_token_ids=tuple(self.renderer.stop_token_ids))
 
     def _gen_request(self, session: Session, req: ChatRequest, prompt: Prompt, rid: str,
                      i: int) -> GenerateRequest:

@@ -26,6 +26,7 @@ class Session:
     num_prefix_breaks: int = 0  # requests that continued a chat we could not token-match
     num_inflight: int = 0  # requests being served right now
     ended: bool = False
+    greedy: bool = False  # eval episodes: every request is sampled greedily
 
 
 class SessionTable:
@@ -41,11 +42,11 @@ class SessionTable:
     def __len__(self) -> int:
         return len(self._by_id)
 
-    def start(self, episode_id: str | None = None) -> Session:
+    def start(self, episode_id: str | None = None, *, greedy: bool = False) -> Session:
         sid = episode_id or "ep-" + secrets.token_hex(8)
         if sid in self._by_id:
             raise ValueError(f"session {sid!r} already exists")
-        session = Session(id=sid, key="sk-sess-" + secrets.token_hex(16))
+        session = Session(id=sid, key="sk-sess-" + secrets.token_hex(16), greedy=greedy)
         self._by_key[session.key] = session
         self._by_id[sid] = session
         self.num_started += 1

@@ -1,0 +1,57 @@
+"""Trainer -> engine: put the learner's new weights into the inference engine.
+
+Local engine (colocated, same process): pause between decode steps, `copy_` every
+parameter in place, bump the version, resume — requests in flight continue with the
+new weights and tag their next tokens with the new version (decision 7).
+SGLang: "tensor" (colocated GPUs: CUDA IPC handles through update_weights_from_tensor)
+or "disk" (save safetensors, update_weights_from_disk), each inside pause/continue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from areal_lite.engine.base import Engine
+
+
+def named_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The model's parameters and persistent buffers by state-dict name, detached."""
+    return [(name, t.detach()) for name, t in model.state_dict(keep_vars=True).items()]
+
+
+async def swap_weights(engine: Engine, model: torch.nn.Module, version: int, *,
+                       mode: str = "tensor", scratch_dir: Path | None = None) -> float:
+    """Install `model`'s weights as `version`; returns the seconds generation was paused."""
+    if mode == "distributed":
+        raise ValueError("rollout.sglang.weight_update = 'distributed' needs an NCCL group "
+                         "between trainer and servers, which areal-lite does not set up yet; "
+                         "use 'tensor' (colocated) or 'disk'")
+    if mode == "disk" and hasattr(engine, "update_weights_from_disk"):
+        assert scratch_dir is not None, "disk weight sync needs a scratch directory"
+        path = scratch_dir / f"weights_v{version}"
+        await asyncio.to_thread(_save, model, path)  # before the pause: generation goes on
+        start = time.perf_counter()
+        await engine.pause()
+        try:
+            await engine.update_weights_from_disk(str(path), version)
+        finally:
+            await engine.resume()
+        paused_s = time.perf_counter() - start
+        await asyncio.to_thread(shutil.rmtree, path, ignore_errors=True)
+        return paused_s
+    start = time.perf_counter()
+    await engine.pause()
+    try:
+        await engine.update_weights(named_weights(model), version)
+    finally:
+        await engine.resume()
+    return time.perf_counter() - start
+
+
+def _save(model: torch.nn.Module, path: Path) -> None:
+    model.save_pretrained(path, safe_serialization=True)
