@@ -21,7 +21,8 @@ def run_async(main: Coroutine[Any, Any, Any]) -> Any:
         import uvloop
     except ImportError:
         return asyncio.run(main)
-    return asyncio.run(main, loop_factory=uvloop.new_event_loop)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
 
 
 def _parser() -> argparse.ArgumentParser:
