@@ -9,40 +9,9 @@ from hypothesis import strategies as st
 from areal_lite.cache import InteractionCache
 from areal_lite.export import EXPORTERS, export_concat, export_episode, export_individual
 from areal_lite.types import CompletionNode, Sample
+from strategies import caches
 
 FAST = settings(max_examples=100, deadline=None)
-
-
-# ---- random valid trees (same recipe as tests/test_cache.py) ----------------------------
-
-
-@st.composite
-def caches(draw, max_nodes: int = 12) -> InteractionCache:
-    """A random valid cache: random ids, parents, tokens, logprobs, versions, rewards."""
-    n = draw(st.integers(1, max_nodes))
-    ids = draw(st.lists(st.text("abcdefgh", min_size=1, max_size=3), min_size=n,
-                        max_size=n, unique=True))
-    tokens = st.lists(st.integers(0, 40), max_size=4)
-    nodes: list[CompletionNode] = []
-    for i in range(n):
-        p = draw(st.integers(-1, i - 1))  # -1: a new root
-        parent = nodes[p] if p >= 0 else None
-        base = parent.prompt_ids + parent.output_ids if parent else []
-        out = draw(tokens)
-        nodes.append(CompletionNode(
-            id=ids[i], response_id=ids[i], parent_id=parent.id if parent else None,
-            prompt_ids=base + draw(tokens), output_ids=out,
-            logprobs=draw(st.lists(st.floats(-9, -0.01), min_size=len(out),
-                                   max_size=len(out))),
-            versions=draw(st.lists(st.integers(0, 3), min_size=len(out), max_size=len(out))),
-            finish_reason="stop",
-        ))
-    cache = InteractionCache(nodes)
-    for nid in ids:
-        r = draw(st.one_of(st.none(), st.floats(-1, 1)))
-        if r is not None:
-            cache.set_reward(nid, r)
-    return cache
 
 
 def span(node: CompletionNode) -> range:

@@ -2,10 +2,12 @@
 
 Layout. Each attention layer keeps K and V in a preallocated buffer of shape
 ``[rows_cap, kv_heads, cols_cap, head_dim]``. The running batch uses rows ``[0, rows)``
-and columns ``[0, length)``. Row r holds its ``num_tokens[r]`` cached tokens
-right-aligned in columns ``[length - num_tokens[r], length)``; the columns to the left
-are padding, hidden by the attention mask. A decode step writes column ``length`` of
-every row in place (no ``torch.cat``), so rows never move while they decode.
+and columns ``[0, length)``; ``valid[r, c]`` says whether column c of row r holds one of
+row r's tokens (the attention mask). Every row ends at the common right edge
+``length``; the columns to the left of its tokens (and, after a shared-prefix prefill,
+between the prefix and the row's own suffix) are padding. A decode step writes column
+``length`` of every row in place (no ``torch.cat``), so rows never move while they
+decode. Position ids come from ``num_tokens[r]``, not from columns.
 
 Between steps the engine reshapes the batch:
 
@@ -71,7 +73,8 @@ def _shape(like: torch.Tensor, rows: int, cols: int) -> tuple[int, int, int, int
 
 class PaddedKV:
     """A batch of KV rows aligned on a common right edge (see module docstring). Not
-    thread-safe: the engine touches it only from its single step thread."""
+    thread-safe: the engine touches it only from its single step thread (or between
+    steps)."""
 
     def __init__(self, num_layers: int, *, rows_cap: int, cols_cap: int, device="cpu"):
         self.rows = 0  # rows in use

@@ -1,13 +1,14 @@
 """The in-process torch inference engine (`rollout.backend = "local"`): token ids in,
 sampled token ids + logprobs + weight versions out, with continuous batching.
 
-One scheduler task on the event loop owns the batch. Each iteration it (1) drops
-cancelled requests, (2) admits waiting ones within `max_batch_size` and the KV budget,
-then runs one *step* on a single worker thread (so the loop stays responsive for
-thousands of agent coroutines): remove dropped rows from the KV cache, decode one token
-for every running request, prefill the admitted ones as one left-padded batch (their
-first token comes from it) and merge them into the running batch, remove finished rows.
-New tokens are streamed to their requests as `TokenChunk`s after every step.
+One scheduler task on the event loop owns the batch. Each iteration it drops cancelled
+waiting requests, admits waiting ones within `max_batch_size` and the KV budget, and runs
+one step of the `RunningBatch` (engine/batch.py: remove cancelled rows, decode one token
+for every running request, prefill the admitted ones, remove finished rows) on a single
+worker thread, so the loop stays responsive for thousands of agent coroutines. The chunks
+of one step are delivered while the next step already runs: `stream` consumers get a
+`TokenChunk` per step, `generate` callers are woken once, at the end. A cancelled
+consumer's row (and KV) is freed at the next step.
 
 KV budget (`max_kv_tokens`): the padded cache holds ``rows x longest row`` tokens, so a
 request is admitted only while ``(running + 1) * max(prompt + max_new_tokens over the
@@ -31,44 +32,13 @@ import random
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import torch
 
 from areal_lite.engine.base import ContextLengthExceeded, EngineError, EngineUnavailable
-from areal_lite.engine.kv import PaddedKV
-from areal_lite.engine.sampling import choose_tokens, stop_reason, validate_params
-from areal_lite.types import GenerateRequest, GenerateResult, SamplingParams, TokenChunk
-
-
-_MIN_SHARED_PREFIX = 4  # shorter shared prompt prefixes are not worth a separate pass
-
-
-@dataclass(eq=False)
-class _Seq:
-    """One request's state, owned by the scheduler (tokens are appended on the step thread
-    while the loop thread only reads `cancelled`)."""
-
-    req: GenerateRequest
-    queue: asyncio.Queue  # TokenChunk | BaseException, consumed by `stream`
-    generator: torch.Generator | None  # per-request RNG (None for greedy)
-    reserved: int  # prompt + max_new_tokens: KV tokens this request may hold
-    output_ids: list[int] = field(default_factory=list)
-    done: bool = False  # final chunk (or error) delivered
-    cancelled: bool = False  # the consumer went away: drop at the next step
-
-    @property
-    def params(self) -> SamplingParams:
-        return self.req.sampling
-
-
-@dataclass(eq=False)
-class _Plan:
-    """What one step does, decided on the loop thread between steps."""
-
-    drop_rows: set[int]  # rows of the running batch to remove first (cancelled)
-    admit: list[_Seq]  # waiting requests to prefill and merge
-    version: int  # weight version stamped on this step's tokens
+from areal_lite.engine.batch import RunningBatch, Seq
+from areal_lite.engine.sampling import validate_params
+from areal_lite.types import GenerateRequest, GenerateResult, TokenChunk
 
 
 class LocalEngine:
@@ -76,31 +46,32 @@ class LocalEngine:
 
     `model` is any HF decoder module (`AutoModelForCausalLM`); `tokenizer` is needed only
     for stop strings. `max_context_len` defaults to the model's
-    `max_position_embeddings`. Use as ``async with LocalEngine(model) as engine:`` or call
+    `max_position_embeddings`. `max_prefill_tokens` caps the padded tokens (rows x longest
+    prompt) prefilled in one step; a longer single prompt is still prefilled alone. Use as ``async with LocalEngine(model) as engine:`` or call
     `start()`/`close()`; `stream`/`generate` start the scheduler on first use.
     """
 
     def __init__(self, model, *, tokenizer=None, device: str = "cpu", max_batch_size: int = 64,
                  max_kv_tokens: int = 65536, max_context_len: int | None = None,
-                 initial_version: int = 0, seed: int = 0):
+                 initial_version: int = 0, seed: int = 0, max_prefill_tokens: int = 8192):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model = model
         self.tokenizer = tokenizer
-        self.device = torch.device(device)
-        if next(model.parameters()).device != self.device:
-            model.to(self.device)  # in place: a shared trainer module moves too
+        self.device = _model_device(model, torch.device(device))
         text_cfg = model.config.get_text_config(decoder=True)
         self._num_layers = text_cfg.num_hidden_layers
         self._max_context_len = int(max_context_len or text_cfg.max_position_embeddings)
         self.max_batch_size = max_batch_size
         self.max_kv_tokens = max_kv_tokens
+        self.max_prefill_tokens = max_prefill_tokens
         self.eos_ids = _eos_ids(model, tokenizer)
         self._version = initial_version
         self._rng = random.Random(seed)  # seeds requests that bring no seed of their own
-        self._waiting: deque[_Seq] = deque()
-        self._running: list[_Seq] = []  # row r of self._kv belongs to self._running[r]
-        self._kv = PaddedKV(self._num_layers, rows_cap=0, cols_cap=0, device=self.device)
+        self._waiting: deque[Seq] = deque()
+        self._batch = RunningBatch(model, device=self.device, num_layers=self._num_layers,
+                                   eos_ids=self.eos_ids, tokenizer=tokenizer,
+                                   max_batch_size=max_batch_size)
         self._paused = False
         self._closed = False
         self._wake = asyncio.Event()  # set when there may be work (or a state change)
@@ -135,7 +106,7 @@ class LocalEngine:
     @property
     def num_running(self) -> int:
         """Requests holding a row (and KV) in the running batch."""
-        return len(self._running)
+        return len(self._batch.seqs)
 
     @property
     def num_waiting(self) -> int:
@@ -165,11 +136,10 @@ class LocalEngine:
         if self._executor is not None:
             await asyncio.to_thread(self._executor.shutdown, wait=True)
         error = EngineUnavailable("the local engine was closed")
-        for seq in [*self._waiting, *self._running]:
+        for seq in [*self._waiting, *self._batch.seqs]:
             self._deliver(seq, error)
         self._waiting.clear()
-        self._running = []
-        self._kv.clear()
+        self._batch.clear()
 
     async def __aenter__(self) -> LocalEngine:
         await self.start()
@@ -179,19 +149,27 @@ class LocalEngine:
         await self.close()
 
     async def generate(self, req: GenerateRequest) -> GenerateResult:
-        chunks = [chunk async for chunk in self.stream(req)]
+        """Run `req` to the end (one wakeup, however many tokens). Cancelling the caller
+        removes the request from the batch."""
+        seq = self._admit_request(req, collect=True)
+        if seq is not None:
+            await self._submit(seq)
+            try:
+                chunks = await seq.result
+            finally:
+                self._abandon(seq)
+        else:  # max_new_tokens == 0
+            chunks = [_empty_final_chunk()]
         return GenerateResult.from_chunks(chunks, prompt_tokens=len(req.input_ids))
 
     async def stream(self, req: GenerateRequest) -> AsyncIterator[TokenChunk]:
         """Yield the new tokens of `req` after every decode step; the last chunk carries
         `finish_reason`. Closing or cancelling the consumer removes the request."""
-        seq = self._admit_request(req)
+        seq = self._admit_request(req, collect=False)
         if seq is None:  # max_new_tokens == 0: nothing to generate
-            yield TokenChunk(output_ids=[], logprobs=[], versions=[], finish_reason="length")
+            yield _empty_final_chunk()
             return
-        await self.start()
-        self._waiting.append(seq)
-        self._wake.set()
+        await self._submit(seq)
         try:
             while True:
                 item = await seq.queue.get()
@@ -201,9 +179,18 @@ class LocalEngine:
                 if item.finish_reason is not None:
                     return
         finally:
-            if not seq.done:
-                seq.cancelled = True
-                self._wake.set()
+            self._abandon(seq)
+
+    async def _submit(self, seq: Seq) -> None:
+        await self.start()
+        self._waiting.append(seq)
+        self._wake.set()
+
+    def _abandon(self, seq: Seq) -> None:
+        """The consumer is gone: if the request is still going, drop it at the next step."""
+        if not seq.done:
+            seq.cancelled = True
+            self._wake.set()
 
     async def pause(self) -> None:
         """Return once the current step (if any) has finished; no further steps run."""
@@ -224,6 +211,8 @@ class LocalEngine:
         Names are the model's `state_dict` keys. Checks every name and shape before copying
         anything (ValueError names the offender). Pauses around the copy if not paused.
         """
+        if self._closed:
+            raise EngineUnavailable("the local engine is closed; create a new one")
         items = list(named_tensors.items() if isinstance(named_tensors, Mapping)
                      else named_tensors)
         targets = self.model.state_dict(keep_vars=True)
@@ -249,7 +238,7 @@ class LocalEngine:
 
     # -- request intake ------------------------------------------------------------------
 
-    def _admit_request(self, req: GenerateRequest) -> _Seq | None:
+    def _admit_request(self, req: GenerateRequest, *, collect: bool) -> Seq | None:
         """Validate `req`; return its state, or None when it generates nothing."""
         if self._closed:
             raise EngineUnavailable("the local engine is closed; create a new one")
@@ -274,158 +263,102 @@ class LocalEngine:
         if not p.greedy:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(p.seed if p.seed is not None else self._rng.getrandbits(63))
-        return _Seq(req=req, queue=asyncio.Queue(), generator=generator, reserved=reserved)
+        if collect:
+            sink = dict(queue=None, result=asyncio.get_running_loop().create_future())
+        else:
+            sink = dict(queue=asyncio.Queue(), result=None)
+        return Seq(req=req, generator=generator, reserved=reserved, **sink)
 
     # -- scheduler (event loop thread) -----------------------------------------------------
 
     async def _schedule(self) -> None:
+        try:
+            await self._run_steps()
+        except Exception as exc:  # a bug in the scheduler: fail loudly, never hang callers
+            self._closed = True
+            error = EngineUnavailable(f"the local engine's scheduler crashed: {exc!r}")
+            for seq in [*self._waiting, *self._batch.seqs]:
+                self._deliver(seq, error)
+            raise
+
+    async def _run_steps(self) -> None:
         loop = asyncio.get_running_loop()
+        undelivered: list = []  # the previous step's chunks, delivered while the next runs
         while True:
             self._drop_cancelled_waiting()
-            plan = None if self._paused else self._plan()
-            if plan is None:
+            admit = None if self._paused else self._plan()
+            if admit is None:
+                self._deliver_all(undelivered)
+                undelivered = []
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             self._idle.clear()
-            running = self._running
+            involved = [*self._batch.seqs, *admit]
+            step = loop.run_in_executor(self._executor, self._batch.step, admit, self._version)
+            self._deliver_all(undelivered)
             try:
-                new_running, events = await loop.run_in_executor(
-                    self._executor, self._step, running, plan)
+                undelivered = await step
             except Exception as exc:  # the step failed: fail its requests, keep serving
-                self._fail_batch([*running, *plan.admit], exc)
-                continue
+                undelivered = []
+                self._fail_batch(involved, exc)
             finally:
                 self._idle.set()
-            self._running = new_running
-            for seq, chunk in events:
-                self._deliver(seq, chunk)
+
+    def _deliver_all(self, events: list) -> None:
+        for seq, chunk in events:
+            self._deliver(seq, chunk)
 
     def _drop_cancelled_waiting(self) -> None:
         if any(s.cancelled for s in self._waiting):
             self._waiting = deque(s for s in self._waiting if not s.cancelled)
 
-    def _plan(self) -> _Plan | None:
-        """Pick this step's work, or None when there is nothing to do."""
-        drop = {r for r, s in enumerate(self._running) if s.cancelled}
-        live = [s for s in self._running if not s.cancelled]
-        admit: list[_Seq] = []
+    def _plan(self) -> list[Seq] | None:
+        """Requests to admit this step ([] = just decode), or None when idle."""
+        live = [s for s in self._batch.seqs if not s.cancelled]
+        admit: list[Seq] = []
         longest = max((s.reserved for s in live), default=0)
+        widest = 0  # longest prompt among the admitted (padded prefill width)
         while self._waiting and len(live) + len(admit) < self.max_batch_size:
             nxt = self._waiting[0]
             rows = len(live) + len(admit) + 1
             if rows * max(longest, nxt.reserved) > self.max_kv_tokens:
                 break  # over the KV budget: wait for rows to finish
+            width = max(widest, len(nxt.req.input_ids))
+            if admit and (len(admit) + 1) * width > self.max_prefill_tokens:
+                break  # prefill the rest next step, so decoding rows don't stall long
             admit.append(self._waiting.popleft())
-            longest = max(longest, nxt.reserved)
-        if not (drop or admit or live):
+            longest, widest = max(longest, nxt.reserved), width
+        if not (admit or self._batch.seqs):
             return None
-        return _Plan(drop_rows=drop, admit=admit, version=self._version)
+        return admit
 
-    def _deliver(self, seq: _Seq, item: TokenChunk | BaseException) -> None:
+    def _deliver(self, seq: Seq, item: TokenChunk | BaseException) -> None:
         if seq.done:
             return
-        if isinstance(item, BaseException) or item.finish_reason is not None:
-            seq.done = True
-        seq.queue.put_nowait(item)
+        failed = isinstance(item, BaseException)
+        final = failed or item.finish_reason is not None
+        seq.done = final
+        if seq.queue is not None:
+            seq.queue.put_nowait(item)
+        elif not failed:
+            seq.chunks.append(item)
+        if final and seq.result is not None and not seq.result.done():
+            if failed:
+                seq.result.set_exception(item)
+            else:
+                seq.result.set_result(seq.chunks)
 
-    def _fail_batch(self, seqs: list[_Seq], exc: Exception) -> None:
-        self._kv.clear()
-        self._running = []
+    def _fail_batch(self, seqs: list[Seq], exc: Exception) -> None:
+        self._batch.clear()
         for seq in seqs:
             err = EngineError(f"local engine step failed ({type(exc).__name__}: {exc})")
             err.__cause__ = exc
             self._deliver(seq, err)
 
-    # -- one step (worker thread) ----------------------------------------------------------
 
-    def _step(self, running: list[_Seq], plan: _Plan):
-        """Remove, decode, prefill+merge, remove finished; return (running, events)."""
-        with torch.inference_mode():
-            if plan.drop_rows:
-                order = self._kv.remove(plan.drop_rows)
-                running = [running[o] for o in order]
-            events: list[tuple[_Seq, TokenChunk]] = []
-            finished: set[int] = set()
-            if running:
-                logits = self._decode(running)
-                finished = self._emit(running, logits, plan.version, events)
-            if plan.admit:
-                prefilled, logits = self._prefill(plan.admit)
-                done_new = self._emit(plan.admit, logits, plan.version, events)
-                if done_new:
-                    prefilled.remove(done_new)
-                kept = [s for i, s in enumerate(plan.admit) if i not in done_new]
-                hint = max((s.reserved for s in [*running, *kept]), default=0)
-                self._kv.merge(prefilled, rows_hint=self.max_batch_size, cols_hint=hint)
-                running = running + kept
-            if finished:
-                order = self._kv.remove(finished)
-                running = [running[o] for o in order]
-            return running, events
-
-    def _decode(self, running: list[_Seq]) -> torch.Tensor:
-        kv = self._kv
-        kv.reserve_decode(cols_hint=max(s.reserved for s in running))
-        ones = [1] * len(running)
-        ids = torch.tensor([[s.output_ids[-1]] for s in running], device=self.device)
-        mask, positions = kv.prepare(ones)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=kv.cache, use_cache=True)
-        kv.advance(ones)
-        return out.logits[:, -1]
-
-    def _prefill(self, seqs: list[_Seq]) -> tuple[PaddedKV, torch.Tensor]:
-        """Prefill `seqs` as one batch; the prompt prefix they all share is computed once
-        (a GRPO group, a common system prompt). Returns (their KV, last-token logits)."""
-        prompts = [s.req.input_ids for s in seqs]
-        shared = _common_prefix_len(prompts) if len(prompts) > 1 else 0
-        shared = min(shared, min(len(p) for p in prompts) - 1)  # each row keeps >= 1 token
-        suffixes = [p[shared:] for p in prompts]
-        width = max(len(t) for t in suffixes)
-        kv = PaddedKV(self._num_layers, rows_cap=len(seqs), cols_cap=shared + width,
-                      device=self.device)
-        if shared >= _MIN_SHARED_PREFIX:
-            kv.start_rows(1)
-            self._forward(kv, [prompts[0][:shared]], logits=False)
-            kv.broadcast_first_row(len(seqs))
-        else:
-            kv.start_rows(len(seqs))
-            suffixes = prompts
-        logits = self._forward(kv, suffixes, logits=True)
-        kv.zero_padding()
-        return kv, logits
-
-    def _forward(self, kv: PaddedKV, rows: list[list[int]], *, logits: bool):
-        """Run new tokens (one list per row, left-padded) through the model into `kv`."""
-        lens = [len(r) for r in rows]
-        width = max(lens)
-        ids = torch.tensor([[r[0]] * (width - len(r)) + r for r in rows], device=self.device)
-        mask, positions = kv.prepare(lens)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=kv.cache, use_cache=True, logits_to_keep=1)
-        kv.advance(lens)
-        return out.logits[:, -1] if logits else None
-
-    def _emit(self, seqs: list[_Seq], logits: torch.Tensor, version: int,
-              events: list) -> set[int]:
-        """Choose a token per row, record it, queue its chunk; return finished rows."""
-        tokens, logprobs = choose_tokens(logits, [s.params for s in seqs],
-                                         [s.generator for s in seqs])
-        decode_tail = self._decode_tail if self.tokenizer is not None else None
-        finished = set()
-        for row, (seq, tok, lp) in enumerate(zip(seqs, tokens, logprobs)):
-            seq.output_ids.append(tok)
-            end = stop_reason(tok, seq.output_ids, seq.params, self.eos_ids, decode_tail)
-            chunk = TokenChunk(output_ids=[tok], logprobs=[lp], versions=[version])
-            if end is not None:
-                chunk.finish_reason, chunk.matched_stop = end
-                finished.add(row)
-            events.append((seq, chunk))
-        return finished
-
-    def _decode_tail(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+def _empty_final_chunk() -> TokenChunk:
+    return TokenChunk(output_ids=[], logprobs=[], versions=[], finish_reason="length")
 
 
 def _copy_into(targets: Mapping[str, torch.Tensor], items: list[tuple[str, object]]) -> None:
@@ -437,14 +370,14 @@ def _copy_into(targets: Mapping[str, torch.Tensor], items: list[tuple[str, objec
             dst.copy_(torch.as_tensor(tensor))
 
 
-def _common_prefix_len(prompts: list[list[int]]) -> int:
-    first = prompts[0]
-    n = min(len(p) for p in prompts)
-    for i in range(n):
-        t = first[i]
-        if any(p[i] != t for p in prompts):
-            return i
-    return n
+def _model_device(model, wanted: torch.device) -> torch.device:
+    """The model's device, checked against `wanted` (the engine never moves a module that
+    a trainer may share)."""
+    actual = next(model.parameters()).device
+    if actual.type != wanted.type or wanted.index not in (None, actual.index):
+        raise ValueError(f"the model is on {actual} but LocalEngine(device={str(wanted)!r}); "
+                         f"move the model first or pass device={str(actual)!r}")
+    return actual
 
 
 def _eos_ids(model, tokenizer) -> frozenset[int]:

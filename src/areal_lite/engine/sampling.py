@@ -26,15 +26,19 @@ def choose_tokens(
     tokens = logits.argmax(dim=-1)
     sampled = [r for r, p in enumerate(params) if not p.greedy]
     if sampled:
-        tokens = tokens.clone()
         for r in sampled:
             tokens[r] = sample_row(logits[r], params[r], generators[r])
-    logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]
-    return tokens.tolist(), logprobs.tolist()
+    chosen = logits.gather(1, tokens[:, None])[:, 0]
+    logprobs = chosen - torch.logsumexp(logits, dim=-1)
+    # one device->host transfer for both (float64 holds token ids exactly)
+    both = torch.stack([tokens.double(), logprobs.double()]).tolist()
+    return [int(t) for t in both[0]], both[1]
 
 
-def sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
-    """Sample from softmax(logits / temperature) restricted by top_k and top_p."""
+def sample_row(logits: torch.Tensor, p: SamplingParams,
+               generator: torch.Generator | None) -> torch.Tensor:
+    """Sample from softmax(logits / temperature) restricted by top_k and top_p; returns a
+    0-dim token tensor (no device sync)."""
     x = logits / p.temperature
     vocab = x.shape[-1]
     if 0 < p.top_k < vocab:
@@ -47,7 +51,7 @@ def sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generat
         sorted_x = sorted_x.masked_fill(mass_before >= p.top_p, float("-inf"))  # keeps the top 1
         x = torch.full_like(x, float("-inf")).scatter(0, order, sorted_x)
     probs = torch.softmax(x, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return torch.multinomial(probs, 1, generator=generator)[0]
 
 
 def validate_params(p: SamplingParams) -> None:

@@ -1,0 +1,153 @@
+"""Local engine internals: the running batch and one step of it, run on the worker thread.
+
+A step (see `RunningBatch.step`): remove cancelled rows; decode one token for every
+running request; prefill the admitted requests as one left-padded batch (the prompt
+prefix they all share -- a GRPO group, a common system prompt -- is computed once and
+copied to every row), sample their first token and merge their KV into the batch; remove
+finished rows. It returns the chunks to stream; the event loop delivers them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import torch
+
+from areal_lite.engine.kv import PaddedKV
+from areal_lite.engine.sampling import choose_tokens, stop_reason
+from areal_lite.types import GenerateRequest, SamplingParams, TokenChunk
+
+MIN_SHARED_PREFIX = 4  # shorter shared prompt prefixes are not worth a separate pass
+
+
+@dataclass(eq=False)
+class Seq:
+    """One request's state. The step thread appends tokens; the loop thread sets
+    `cancelled` and `done` and reads the rest only between steps."""
+
+    req: GenerateRequest
+    queue: asyncio.Queue | None  # stream(): TokenChunk | BaseException per step
+    result: asyncio.Future | None  # generate(): all chunks at once, one wakeup
+    generator: torch.Generator | None  # per-request RNG (None for greedy)
+    reserved: int  # prompt + max_new_tokens: KV tokens this request may hold
+    output_ids: list[int] = field(default_factory=list)
+    chunks: list[TokenChunk] = field(default_factory=list)  # generate(): collected so far
+    done: bool = False  # final chunk (or error) delivered
+    cancelled: bool = False  # the consumer went away: drop at the next step
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.req.sampling
+
+
+class RunningBatch:
+    """The requests holding KV rows; row r of `kv` belongs to `seqs[r]`."""
+
+    def __init__(self, model, *, device: torch.device, num_layers: int,
+                 eos_ids: frozenset[int], tokenizer=None, max_batch_size: int):
+        self.model = model
+        self.device = device
+        self.num_layers = num_layers
+        self.eos_ids = eos_ids
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.kv = PaddedKV(num_layers, rows_cap=0, cols_cap=0, device=device)
+        self.seqs: list[Seq] = []
+
+    def clear(self) -> None:
+        self.kv.clear()
+        self.seqs = []
+
+    def step(self, admit: list[Seq], version: int) -> list[tuple[Seq, TokenChunk]]:
+        """Advance the batch by one token per request (see module docstring)."""
+        with torch.inference_mode():
+            self._remove({r for r, s in enumerate(self.seqs) if s.cancelled})
+            events: list[tuple[Seq, TokenChunk]] = []
+            finished: set[int] = set()
+            if self.seqs:
+                finished = self._emit(self.seqs, self._decode(), version, events)
+            if admit:
+                self._admit(admit, version, events)
+            self._remove(finished)
+            return events
+
+    def _remove(self, rows: set[int]) -> None:
+        if rows:
+            order = self.kv.remove(rows)
+            self.seqs = [self.seqs[o] for o in order]
+
+    def _admit(self, admit: list[Seq], version: int, events: list) -> None:
+        prefilled, logits = self._prefill(admit)
+        done = self._emit(admit, logits, version, events)
+        kept = [admit[o] for o in prefilled.remove(done)] if done else admit
+        hint = max((s.reserved for s in [*self.seqs, *kept]), default=0)
+        self.kv.merge(prefilled, rows_hint=self.max_batch_size, cols_hint=hint)
+        self.seqs = self.seqs + kept
+
+    def _decode(self) -> torch.Tensor:
+        kv = self.kv
+        kv.reserve_decode(cols_hint=max(s.reserved for s in self.seqs))
+        return self._forward(kv, [[s.output_ids[-1]] for s in self.seqs])
+
+    def _prefill(self, seqs: list[Seq]) -> tuple[PaddedKV, torch.Tensor]:
+        """Prefill `seqs` in a fresh cache; return it and their last-token logits."""
+        prompts = [s.req.input_ids for s in seqs]
+        shared = common_prefix_len(prompts) if len(prompts) > 1 else 0
+        shared = min(shared, min(len(p) for p in prompts) - 1)  # each row keeps >= 1 token
+        rows = [p[shared:] for p in prompts]
+        width = max(len(r) for r in rows)
+        kv = PaddedKV(self.num_layers, rows_cap=len(seqs), cols_cap=shared + width,
+                      device=self.device)
+        if shared >= MIN_SHARED_PREFIX:
+            kv.start_rows(1)
+            self._forward(kv, [prompts[0][:shared]])
+            kv.broadcast_first_row(len(seqs))
+        else:
+            kv.start_rows(len(seqs))
+            rows = prompts
+        logits = self._forward(kv, rows)
+        kv.zero_padding()
+        return kv, logits
+
+    def _forward(self, kv: PaddedKV, rows: list[list[int]]) -> torch.Tensor:
+        """Run new tokens (one list per row, left-padded) into `kv`; last-token logits."""
+        lens = [len(r) for r in rows]
+        width = max(lens)
+        ids = torch.tensor([[r[0]] * (width - len(r)) + r for r in rows], device=self.device)
+        mask, positions = kv.prepare(lens)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=kv.cache, use_cache=True, logits_to_keep=1)
+        kv.advance(lens)
+        return out.logits[:, -1]
+
+    def _emit(self, seqs: list[Seq], logits: torch.Tensor, version: int,
+              events: list) -> set[int]:
+        """Choose a token per row, record it, queue its chunk; return finished rows."""
+        tokens, logprobs = choose_tokens(logits, [s.params for s in seqs],
+                                         [s.generator for s in seqs])
+        decode_tail = self._decode_tail if self.tokenizer is not None else None
+        finished = set()
+        for row, (seq, tok, lp) in enumerate(zip(seqs, tokens, logprobs)):
+            seq.output_ids.append(tok)
+            end = stop_reason(tok, seq.output_ids, seq.params, self.eos_ids, decode_tail)
+            chunk = TokenChunk(output_ids=[tok], logprobs=[lp], versions=[version])
+            if end is not None:
+                chunk.finish_reason, chunk.matched_stop = end
+                finished.add(row)
+            events.append((seq, chunk))
+        return finished
+
+    def _decode_tail(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def common_prefix_len(prompts: list[list[int]]) -> int:
+    """Length of the longest prefix all prompts share."""
+    first = prompts[0]
+    n = min(len(p) for p in prompts)
+    for i in range(n):
+        t = first[i]
+        if any(p[i] != t for p in prompts):
+            return i
+    return n
