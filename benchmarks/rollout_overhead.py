@@ -1,0 +1,614 @@
+"""Benchmark: what the proxy path costs an agent, from the OpenAI SDK to the engine.
+
+Agents are written with the real OpenAI SDK (what users run): each episode is K chat
+turns, every turn appends the reply and a new user message. The inference server is
+the fake SGLang server with zero latency and a fixed short reply. For each concurrency
+(number of agents running at once) it runs, and prints one JSON line per variant:
+
+    sdk_ceiling       SDK agents -> a canned chat completion (aiohttp, loopback, no work)
+                      through ONE shared httpx2 client: what the SDK itself costs
+    sdk_ceiling_inproc  the same agents with an in-process httpx2 transport that returns
+                      the canned completion (no socket): the SDK alone, the ceiling of
+                      the `proxy` variant's transport
+    floor             the same number of calls straight to the fake server's /generate
+                      with pre-tokenized ids over one aiohttp ClientSession (no SDK/proxy)
+    proxy             SDK agents -> our proxy through `proxy.http_client()` (in-process
+                      transport, no socket): the path inline agents take
+    proxy_tcp         the same over loopback TCP with one shared httpx2 client (what an
+                      external agent pays)
+    proxy_new_client  the same over TCP with a new SDK-default client per episode
+
+Proxy variants run whole episodes through `RolloutController.run_episode` (session
+start, reward, export, session end included). Both servers (fake SGLang and the canned
+endpoint) run in a child process, like a real inference server; `cpu_ms_per_call` is
+the CPU time (user+sys) of the benchmark process only (agents, SDK, proxy, engine
+client), `server_cpu_ms_per_call` that of the child. `added_latency_ms_*` is a
+variant's per-call latency percentile minus sdk_ceiling's at the same concurrency;
+`peak_rss_mb` is the benchmark process's peak RSS during that variant (Linux VmHWM,
+reset before each variant).
+
+Each (variant, concurrency) starts all agents at once; every agent runs the same
+number of episodes (at least one, and at least `--min-calls` calls in all), and the
+row covers everything from start to the last call, start-up wave included. A variant
+still running after `--max-seconds` is cut there (`capped: true`; its numbers are over
+the calls done by then): calls in flight through the in-process proxy (and floor
+calls) finish unmeasured, the other variants' are cancelled. At saturation latency is
+mostly queueing (about agents / throughput).
+
+Usage::
+
+    python benchmarks/rollout_overhead.py                       # 1,64,512,4096 agents
+    python benchmarks/rollout_overhead.py --agents 1,64 --quick
+    python benchmarks/rollout_overhead.py --agents 512 --variants proxy --profile proxy
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import math
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import httpx2
+import msgspec
+from aiohttp import web
+from openai import AsyncOpenAI
+
+VARIANTS = ("sdk_ceiling", "sdk_ceiling_inproc", "floor", "proxy", "proxy_tcp",
+            "proxy_new_client")
+REPLY = "Sure, noted."  # the fake model's fixed reply (then eos)
+QUESTIONS = ["What is 2 + 3?", "Name a colour.", "Say hello to the team.",
+             "Is 7 prime? Answer briefly."]
+CALL_TIMEOUT_S = 120.0  # per SDK call; a call that takes longer counts as an error
+
+
+# --- servers (child process) ---------------------------------------------------------
+
+def canned_completion(content: str, num_prompt: int, num_out: int) -> bytes:
+    return msgspec.json.encode({
+        "id": "chatcmpl-canned", "object": "chat.completion", "created": 0,
+        "model": "default", "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                                         "message": {"role": "assistant", "content": content}}],
+        "usage": {"prompt_tokens": num_prompt, "completion_tokens": num_out,
+                  "total_tokens": num_prompt + num_out}})
+
+
+def make_canned_app(body: bytes) -> web.Application:
+    """The SDK ceiling: a fixed chat completion; plus the child's CPU counter."""
+    async def chat(_: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    async def stats(_: web.Request) -> web.Response:
+        return web.json_response({"cpu_s": cpu_s()})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/bench/stats", stats)
+    return app
+
+
+async def serve(spec: dict) -> None:
+    """Child: serve the fake SGLang server and the canned endpoint until stdin closes."""
+    from areal_lite.engine.fake_sglang import FakeSGLangServer
+
+    reply_ids = spec["reply_ids"]
+    async with FakeSGLangServer(vocab_size=spec["vocab_size"], eos_token_id=spec["eos"],
+                                max_context_len=spec["max_context_len"],
+                                responder=lambda ids, sampling: list(reply_ids),
+                                history=1) as fake:
+        runner = web.AppRunner(make_canned_app(spec["canned"].encode()), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0, backlog=4096).start()
+        port = runner.addresses[0][1]
+        print(json.dumps({"fake_url": fake.url, "canned_url": f"http://127.0.0.1:{port}"}),
+              flush=True)
+        try:
+            await asyncio.to_thread(sys.stdin.read)  # returns when the parent closes stdin
+        finally:
+            await runner.cleanup()
+
+
+@dataclass
+class Servers:
+    fake_url: str  # fake SGLang base url
+    canned_url: str  # canned endpoint base url (OpenAI base_url is this + /v1)
+    session: aiohttp.ClientSession  # for the CPU counter only
+
+    async def cpu_s(self) -> float:
+        async with self.session.get(self.canned_url + "/bench/stats") as resp:
+            return (await resp.json())["cpu_s"]
+
+
+@contextlib.asynccontextmanager
+async def start_servers(spec: dict) -> AsyncIterator[Servers]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--serve", json.dumps(spec),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        if not line:
+            raise RuntimeError("benchmark server process exited before listening; see stderr")
+        urls = json.loads(line)
+        async with aiohttp.ClientSession() as session:
+            yield Servers(urls["fake_url"], urls["canned_url"], session)
+    finally:
+        proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+class CannedTransport(httpx2.AsyncBaseTransport):
+    """An in-process transport answering every request with the same completion."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        await request.aread()
+        await asyncio.sleep(0)  # yield once, as any real transport does: agents interleave
+        return httpx2.Response(200, headers={"content-type": "application/json"},
+                               content=self._body, request=request)
+
+
+# --- measurement ---------------------------------------------------------------------
+
+def cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def reset_peak_rss() -> None:
+    with contextlib.suppress(OSError):  # not Linux: peak_rss_mb is then the run's peak
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mb() -> float:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _round(x: float) -> float | None:
+    return None if math.isnan(x) else round(x, 3)  # JSON has no NaN
+
+
+def _ms(seconds: float) -> float | None:
+    return _round(seconds * 1e3)
+
+
+def percentile(sorted_xs: list[float], q: float) -> float:
+    if not sorted_xs:
+        return math.nan
+    return sorted_xs[min(len(sorted_xs) - 1, int(q * len(sorted_xs)))]
+
+
+@dataclass
+class Recorder:
+    latencies_s: list[float] = field(default_factory=list)  # one per successful call
+    errors: dict[str, int] = field(default_factory=dict)  # exception type -> count
+    stopping: bool = False  # set at the end of a window: agents make no new calls
+    num_stuck: int = 0  # agents whose in-flight call did not finish within the drain
+
+    def num_errors(self) -> int:
+        return sum(self.errors.values())
+
+    def num_calls(self) -> int:
+        return len(self.latencies_s) + self.num_errors()
+
+    def error(self, exc: BaseException) -> None:
+        kind = type(exc).__name__
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+
+class BenchAgent:
+    """K chat turns through the OpenAI SDK; records each call's latency in `rec`."""
+
+    def __init__(self, turns: int, max_tokens: int) -> None:
+        self.turns, self.max_tokens = turns, max_tokens
+        self.rec = Recorder()
+
+    async def run(self, data: dict, *, base_url: str, api_key: str,
+                  http_client: httpx2.AsyncClient | None = None) -> float:
+        client = AsyncOpenAI(base_url=base_url, api_key=api_key, http_client=http_client,
+                             max_retries=0, timeout=CALL_TIMEOUT_S)
+        messages = [{"role": "user", "content": data["question"]}]
+        try:
+            for k in range(self.turns):
+                if self.rec.stopping:
+                    break
+                start = time.perf_counter()
+                try:
+                    resp = await client.chat.completions.create(
+                        model="default", messages=messages, max_tokens=self.max_tokens)
+                except Exception as e:  # benchmark boundary: count it, end the episode
+                    self.rec.error(e)
+                    return 0.0
+                self.rec.latencies_s.append(time.perf_counter() - start)
+                messages += [{"role": "assistant", "content": resp.choices[0].message.content},
+                             {"role": "user", "content": f"And then {k}?"}]
+            return 1.0
+        finally:
+            if http_client is None:  # the SDK made its own client: close it with the episode
+                await client.close()
+
+
+EpisodeFn = Callable[[dict], Awaitable[object]]
+
+
+@contextlib.asynccontextmanager
+async def agents_running(num_agents: int, num_episodes: int, episode: EpisodeFn,
+                         rec: Recorder, drain_timeout_s: float) -> AsyncIterator[list]:
+    """`num_agents` tasks, each running `num_episodes` episodes back to back. Tasks
+    still running on exit stop starting calls; the calls in flight get
+    `drain_timeout_s` to finish (0: cancelled at once), then the rest are cancelled
+    and counted in `rec.num_stuck`."""
+    async def agent(a: int) -> None:
+        for e in range(num_episodes):
+            if rec.stopping:
+                return
+            await episode({"question": QUESTIONS[(a + e) % len(QUESTIONS)]})
+
+    rec.stopping, rec.num_stuck = False, 0
+    tasks = [asyncio.create_task(agent(a)) for a in range(num_agents)]
+    try:
+        yield tasks
+    finally:
+        rec.stopping = True
+        pending = [t for t in tasks if not t.done()]
+        if pending and drain_timeout_s > 0:
+            _, pending = await asyncio.wait(pending, timeout=drain_timeout_s)
+            rec.num_stuck = len(pending)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@dataclass
+class Plan:
+    """How much work one (variant, concurrency) measurement does."""
+
+    turns: int  # chat turns per episode
+    min_calls: int  # every agent runs the same number of episodes, >= this many calls
+    max_s: float  # stop after this long, whatever is done (slow variants): "capped"
+    drain_timeout_s: float = 120.0  # for calls in flight at a cap to finish
+
+    def episodes_per_agent(self, num_agents: int) -> int:
+        return max(1, math.ceil(self.min_calls / (num_agents * self.turns)))
+
+
+@dataclass
+class Snapshot:
+    seconds: float  # wall time from start to the end (or the cap)
+    latencies_s: list[float]  # calls completed by then, sorted
+    num_errors: int
+    cpu_s: float  # this process
+    server_cpu_s: float  # the server child process
+    capped: bool  # stopped at plan.max_s before all episodes were done
+
+
+async def run_window(num_agents: int, plan: Plan, rec: Recorder, episode: EpisodeFn,
+                     servers: Servers, drain: bool) -> Snapshot:
+    """Start all agents at once; time them until all their episodes are done or the cap."""
+    rec.latencies_s.clear()
+    rec.errors.clear()
+    srv0, cpu0 = await servers.cpu_s(), cpu_s()
+    start = time.perf_counter()
+    async with agents_running(num_agents, plan.episodes_per_agent(num_agents), episode,
+                              rec, plan.drain_timeout_s if drain else 0.0) as tasks:
+        done, pending = await asyncio.wait(tasks, timeout=plan.max_s,
+                                           return_when=asyncio.FIRST_EXCEPTION)
+        elapsed = time.perf_counter() - start
+        for t in done:
+            if t.exception() is not None:  # agents catch call errors: a benchmark bug
+                raise t.exception()
+        cpu1 = cpu_s()
+        snap = Snapshot(seconds=elapsed, latencies_s=sorted(rec.latencies_s),
+                        num_errors=rec.num_errors(), cpu_s=cpu1 - cpu0, server_cpu_s=0.0,
+                        capped=bool(pending))
+        snap.server_cpu_s = await servers.cpu_s() - srv0
+    return snap
+
+
+async def measure(variant: str, num_agents: int, plan: Plan, rec: Recorder,
+                  episode: EpisodeFn, servers: Servers, profiler=None) -> dict:
+    """Run and time one (variant, concurrency); returns the JSON row."""
+    reset_peak_rss()
+    if profiler is not None:
+        profiler.enable()
+    # cancelling agents mid-call through the in-process proxy once hung (see report),
+    # so those drain; the others are cancelled (draining 4096 TCP calls takes minutes)
+    snap = await run_window(num_agents, plan, rec, episode, servers,
+                            drain=variant in ("proxy", "floor"))
+    if profiler is not None:
+        profiler.disable()
+    lat, calls = snap.latencies_s, len(snap.latencies_s) + snap.num_errors
+    per_call = 1e3 / calls if calls else math.nan  # ms per call, per second of CPU
+    row = {"variant": variant, "agents": num_agents, "turns": plan.turns, "calls": calls,
+           "seconds": round(snap.seconds, 3),
+           "requests_per_s": round(len(lat) / snap.seconds, 1),
+           "latency_ms_p50": _ms(percentile(lat, 0.5)),
+           "latency_ms_p99": _ms(percentile(lat, 0.99)),
+           "cpu_ms_per_call": _round(snap.cpu_s * per_call),
+           "server_cpu_ms_per_call": _round(snap.server_cpu_s * per_call),
+           "peak_rss_mb": round(peak_rss_mb(), 1), "errors": snap.num_errors,
+           "capped": snap.capped}
+    if rec.errors:
+        row["error_kinds"] = dict(rec.errors)
+    if rec.num_stuck:  # calls that never returned after the window: a hang to look at
+        row["stuck_after_window"] = rec.num_stuck
+        row["errors"] += rec.num_stuck
+    return row
+
+
+# --- variants ------------------------------------------------------------------------
+
+@dataclass
+class Bench:
+    """Everything the variants share during one run."""
+
+    plan: Plan
+    servers: Servers
+    stack: object  # areal_lite.stack.RolloutStack
+    agent: BenchAgent
+    floor_bodies: list[list[bytes]]  # [question][turn] -> pre-encoded /generate body
+    canned_body: bytes  # the canned chat completion
+    max_connections: int  # connection pool size of every shared HTTP client
+    profile: str | None  # variant to profile with cProfile, if any
+
+    def tcp_client(self) -> httpx2.AsyncClient:
+        n = self.max_connections
+        return httpx2.AsyncClient(limits=httpx2.Limits(max_connections=n,
+                                                       max_keepalive_connections=n),
+                                  timeout=CALL_TIMEOUT_S)
+
+    def controller(self, http_client, num_agents: int):
+        from areal_lite.rollout import RolloutController
+
+        return RolloutController(self.stack.proxy, self.agent, http_client=http_client,
+                                 episode_timeout_s=10 * CALL_TIMEOUT_S,
+                                 max_concurrent=num_agents)
+
+    async def run(self, variant: str, num_agents: int) -> dict:
+        async with contextlib.AsyncExitStack() as es:
+            rec = Recorder() if variant == "floor" else self.agent.rec
+            episode = await self._episode_fn(variant, num_agents, es, rec)
+            profiler = None
+            if self.profile == variant:
+                import cProfile
+
+                profiler = cProfile.Profile(time.process_time)  # CPU time: less noise
+            row = await measure(variant, num_agents, self.plan, rec, episode, self.servers,
+                                profiler)
+        await self._quiesce()
+        if profiler is not None:
+            print_profile(profiler, variant, num_agents)
+        return row
+
+    async def _quiesce(self, timeout_s: float = 60.0) -> None:
+        """Wait until the proxy's engine has nothing in flight (cancelled TCP requests
+        are still served), so one variant's leftovers don't bill the next one."""
+        router = self.stack.engine.router
+        deadline = time.monotonic() + timeout_s
+        while sum(router.in_flight.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)  # polling a counter: nothing to wait on
+        await asyncio.sleep(0.1)  # let handlers past the engine call finish
+
+    async def _episode_fn(self, variant: str, num_agents: int,
+                          es: contextlib.AsyncExitStack, rec: Recorder) -> EpisodeFn:
+        if variant == "floor":
+            return await self._floor_episode(es, rec)
+        if variant == "sdk_ceiling":
+            client = await es.enter_async_context(self.tcp_client())
+            base_url = self.servers.canned_url + "/v1"
+            return lambda data: self.agent.run(data, base_url=base_url, api_key="sk-canned",
+                                               http_client=client)
+        if variant == "sdk_ceiling_inproc":
+            client = await es.enter_async_context(httpx2.AsyncClient(
+                transport=CannedTransport(self.canned_body), timeout=CALL_TIMEOUT_S))
+            return lambda data: self.agent.run(data, base_url=self.servers.canned_url + "/v1",
+                                               api_key="sk-canned", http_client=client)
+        if variant == "proxy":
+            client = self.stack.controller.http_client
+        elif variant == "proxy_tcp":
+            client = await es.enter_async_context(self.tcp_client())
+        elif variant == "proxy_new_client":
+            client = None
+        else:
+            raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+        return self._counting(self.controller(client, num_agents).run_episode)
+
+    def _counting(self, run_episode: Callable[[dict], Awaitable]) -> EpisodeFn:
+        """Failed episodes the agent did not see (export, reward) count as errors too."""
+        async def episode(data: dict) -> None:
+            result = await run_episode(data)
+            if result.failed:
+                self.agent.rec.errors[result.error] = self.agent.rec.errors.get(result.error, 0) + 1
+        return episode
+
+    async def _floor_episode(self, es: contextlib.AsyncExitStack, rec: Recorder) -> EpisodeFn:
+        from areal_lite.engine.sglang_wire import parse_generate
+
+        connector = aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=60)
+        session = await es.enter_async_context(aiohttp.ClientSession(connector=connector))
+        url = self.servers.fake_url + "/generate"
+        timeout = aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)
+        headers = {"Content-Type": "application/json"}
+
+        async def episode(data: dict) -> None:
+            bodies = self.floor_bodies[QUESTIONS.index(data["question"])]
+            for body in bodies:
+                if rec.stopping:
+                    return
+                start = time.perf_counter()
+                try:
+                    async with session.post(url, data=body, headers=headers,
+                                            timeout=timeout) as resp:
+                        raw = await resp.read()
+                        resp.raise_for_status()
+                    parse_generate(raw)
+                except Exception as e:  # benchmark boundary: count it, end the episode
+                    rec.error(e)
+                    return
+                rec.latencies_s.append(time.perf_counter() - start)
+        return episode
+
+
+def print_profile(profiler, variant: str, num_agents: int, top: int = 60) -> None:
+    import io
+    import pstats
+
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
+    print(f"--- cProfile {variant} @ {num_agents} agents (sorted by tottime) ---\n"
+          f"{out.getvalue()}", file=sys.stderr)
+
+
+# --- setup ---------------------------------------------------------------------------
+
+def floor_bodies(tokenizer, turns: int, max_tokens: int, reply: str) -> list[list[bytes]]:
+    """Per question, per turn: the /generate body the proxy would send (chat template)."""
+    from areal_lite.engine.sglang_wire import generate_body
+    from areal_lite.types import GenerateRequest, SamplingParams
+
+    stop = (tokenizer.eos_token_id,)
+    out = []
+    for q_i, question in enumerate(QUESTIONS):
+        messages, bodies = [{"role": "user", "content": question}], []
+        for k in range(turns):
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                tokenize=True, return_dict=False)
+            req = GenerateRequest(rid="", input_ids=list(ids), sampling=SamplingParams(
+                max_new_tokens=max_tokens, stop_token_ids=stop))
+            bodies.append(msgspec.json.encode(
+                generate_body(req, generated=[], rid=f"floor-{q_i}-{k}", stream=False)))
+            messages += [{"role": "assistant", "content": reply},
+                         {"role": "user", "content": f"And then {k}?"}]
+        out.append(bodies)
+    return out
+
+
+def raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--agents", default="1,64,512,4096", help="comma-separated concurrencies")
+    p.add_argument("--turns", type=int, default=3, help="chat turns per episode")
+    p.add_argument("--min-calls", type=int, default=2000,
+                   help="calls per (variant, concurrency) at least; every agent runs the "
+                   "same number of episodes (at least one)")
+    p.add_argument("--max-seconds", type=float, default=25.0,
+                   help="cap per (variant, concurrency); a capped row says capped: true")
+    p.add_argument("--max-tokens", type=int, default=8, help="max_tokens of each call")
+    p.add_argument("--max-connections", type=int, default=1024,
+                   help="pool size of each shared HTTP client (rollout.sglang.max_connections)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
+    p.add_argument("--new-client-max-agents", type=int, default=512,
+                   help="run proxy_new_client only up to this concurrency: every new SDK "
+                   "client costs ~20-60 ms of CPU, so 4096 agents take minutes to start")
+    p.add_argument("--profile", default=None, help="cProfile this variant, stats to stderr")
+    p.add_argument("--quick", action="store_true", help="tiny run for smoke tests")
+    p.add_argument("--serve", default=None, help=argparse.SUPPRESS)  # child process mode
+    args = p.parse_args(argv)
+    args.agents = [int(a) for a in args.agents.split(",")]
+    args.variants = [v for v in VARIANTS if v in args.variants.split(",")]
+    if args.quick:
+        args.min_calls, args.max_seconds = 1, 20.0
+    return args
+
+
+async def run_benchmark(args: argparse.Namespace) -> list[dict]:
+    from areal_lite.config import loads_config
+    from areal_lite.models import load_tokenizer
+    from areal_lite.stack import open_rollout
+    from areal_lite.tiny import make_tiny_model_dir
+
+    raise_fd_limit()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = await asyncio.to_thread(make_tiny_model_dir, tmp)
+        tok = load_tokenizer(model_dir)
+        reply_ids = tok.encode(REPLY, add_special_tokens=False) + [tok.eos_token_id]
+        spec = {"reply_ids": reply_ids, "eos": tok.eos_token_id, "vocab_size": len(tok),
+                "max_context_len": 4096,
+                "canned": canned_completion(REPLY, 32, len(reply_ids)).decode()}
+        agent = BenchAgent(args.turns, args.max_tokens)
+        async with start_servers(spec) as servers:
+            cfg = loads_config("", [
+                f"actor.path={model_dir}", "rollout.backend=sglang",
+                f'rollout.sglang.urls=["{servers.fake_url}"]',
+                f"rollout.sglang.max_connections={args.max_connections}",
+                f"rollout.max_concurrent_rollouts={max(args.agents)}",
+                f"rollout.episode_timeout_s={10 * CALL_TIMEOUT_S}"])
+            async with open_rollout(cfg, agent) as stack:
+                plan = Plan(turns=args.turns, min_calls=args.min_calls,
+                            max_s=args.max_seconds,
+                            drain_timeout_s=20.0 if args.quick else 120.0)
+                bench = Bench(plan=plan,
+                              servers=servers, stack=stack, agent=agent,
+                              floor_bodies=floor_bodies(tok, args.turns, args.max_tokens, REPLY),
+                              canned_body=spec["canned"].encode(),
+                              max_connections=args.max_connections, profile=args.profile)
+                for num_agents in args.agents:
+                    variants = [v for v in args.variants if v != "proxy_new_client"
+                                or num_agents <= args.new_client_max_agents]
+                    rows += await run_concurrency(bench, variants, num_agents)
+    return rows
+
+
+async def run_concurrency(bench: Bench, variants: list[str], num_agents: int) -> list[dict]:
+    """All variants at one concurrency; sdk_ceiling first (the others are relative to it)."""
+    rows, ceiling = [], None
+    for variant in variants:
+        row = await bench.run(variant, num_agents)
+        if variant == "sdk_ceiling":
+            ceiling = row
+        for q in ("p50", "p99"):
+            mine, base = row[f"latency_ms_{q}"], ceiling and ceiling[f"latency_ms_{q}"]
+            added = None if mine is None or base is None else round(mine - base, 3)
+            row[f"added_latency_ms_{q}"] = added
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def run_async(coro: Awaitable) -> object:
+    """On uvloop when installed (like the trainer), else the default asyncio loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.serve is not None:
+        run_async(serve(json.loads(args.serve)))
+        return 0
+    rows = run_async(run_benchmark(args))
+    return 1 if any(r["errors"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
