@@ -122,3 +122,14 @@ def test_resolve_workflow_forms():
                           ("sample_agents", "has no workflow"), (object(), "run")]:
         with pytest.raises(ValueError, match=fragment):
             resolve_workflow(bad)
+
+
+async def test_timeout_during_a_proxy_call_aborts_the_request(tiny_model_dir, tiny_tokenizer):
+    async with FakeSGLangServer(vocab_size=len(tiny_tokenizer), max_context_len=1024,
+                                eos_token_id=tiny_tokenizer.eos_token_id, latency_s=0.05) as slow:
+        cfg = make_cfg(tiny_model_dir, slow.url, "rollout.episode_timeout_s=0.3")
+        async with open_rollout(cfg, sample_agents.ChatAgent(turns=1, max_tokens=200)) as stack:
+            ep = await stack.controller.run_episode({"question": "talk for a while"})
+            assert ep.error == "timeout" and len(stack.proxy.sessions) == 0
+            await slow.state.wait_until(lambda: not slow.state.in_flight, 5.0)
+        assert slow.state.aborted_rids  # the engine request was aborted, not left running
