@@ -79,7 +79,10 @@ SSE_DONE = b"data: [DONE]\n\n"
 
 def make_aiohttp_app(dispatch: Handler, *, max_request_bytes: int) -> web.Application:
     async def handle(request: web.Request) -> web.StreamResponse:
-        body = await request.read()
+        try:
+            body = await request.read()
+        except ConnectionResetError:  # the client went away mid-request: nothing to answer
+            return web.Response(status=499)
         preq = ProxyRequest(method=request.method, path=request.path,
                             headers={k.lower(): v for k, v in request.headers.items()},
                             body=body)
