@@ -241,3 +241,14 @@ def test_stream_state_errors():
         PromptStream([], batch_size=1, seed=0)
     with pytest.raises(ValueError, match="batch_size"):
         PromptStream(_rows(3), batch_size=0, seed=0)
+
+
+def test_level_zero_is_small_addition():
+    from areal_lite.data import generate_arithmetic, gsm8k_final_answer
+
+    rows = generate_arithmetic(30, seed=3, levels=(0,))
+    for r in rows:
+        a, b = (int(x) for x in r["question"].rstrip("?.").replace("Add ", "").replace(
+            " and ", " + ").split(" ")[-3::2])
+        assert 1 <= a <= 20 and 1 <= b <= 20
+        assert int(gsm8k_final_answer(r["answer"])) == a + b

@@ -51,6 +51,12 @@ def _level1(rng: random.Random) -> _Problem:
     return f"1:{a}+{b}", form.format(a=a, b=b), [f"{a} + {b} = {a + b}"], a + b
 
 
+def _level0(rng: random.Random) -> _Problem:
+    a, b = rng.randint(1, 20), rng.randint(1, 20)
+    form = rng.choice(("What is {a} + {b}?", "Compute {a} + {b}.", "Add {a} and {b}."))
+    return f"0:{a}+{b}", form.format(a=a, b=b), [f"{a} + {b} = {a + b}"], a + b
+
+
 def _apply(x: int, op: str, y: int) -> int:
     return x + y if op == "+" else x - y if op == "-" else x * y
 
@@ -141,7 +147,7 @@ def _level3(rng: random.Random) -> _Problem | None:
     return template(rng, rng.choice(_NAMES), rng.choice(_ITEMS))
 
 
-_LEVELS = {1: _level1, 2: _level2, 3: _level3}
+_LEVELS = {0: _level0, 1: _level1, 2: _level2, 3: _level3}
 
 
 def _is_eval_key(key: str) -> bool:
@@ -162,7 +168,7 @@ def generate_arithmetic(
     """`n` distinct grade-school arithmetic rows, deterministic for (`seed`, `split`).
 
     Rows: {"question", "answer": "<steps>\\n#### N", "level", "id"}; levels cycle through
-    `levels` (1: a + b; 2: two operations incl. - or *; 3: short word problems); answers
+    `levels` (0: a + b with a, b <= 20; 1: a + b; 2: two operations incl. - or *; 3: short word problems); answers
     and every worked step are non-negative integers; no problem appears twice, however
     worded. A problem is "eval" iff the hash of its key (numbers and template, not names or
     wording) falls in one bucket of ten, so the splits are disjoint whatever the seeds.
@@ -172,7 +178,7 @@ def generate_arithmetic(
         raise ValueError(f"number of arithmetic rows must be >= 0, got {n}")
     bad = [lv for lv in levels if lv not in _LEVELS]
     if bad or not levels:
-        raise ValueError(f"arithmetic levels must be a non-empty subset of 1, 2, 3; got {levels}")
+        raise ValueError(f"arithmetic levels must be a non-empty subset of 0, 1, 2, 3; got {levels}")
     rng = random.Random(f"areal-lite-arithmetic:{seed}:{split}")
     rows: list[dict] = []
     seen: set[str] = set()  # split keys: each problem once, however worded
