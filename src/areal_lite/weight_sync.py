@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import torch
@@ -35,19 +36,19 @@ async def swap_weights(engine: Engine, model: torch.nn.Module, version: int, *,
         assert scratch_dir is not None, "disk weight sync needs a scratch directory"
         path = scratch_dir / f"weights_v{version}"
         await asyncio.to_thread(_save, model, path)  # before the pause: generation goes on
-        start = time.perf_counter()
-        await engine.pause()
         try:
-            await engine.update_weights_from_disk(str(path), version)
+            return await _paused(engine, lambda: engine.update_weights_from_disk(str(path), version))
         finally:
-            await engine.resume()
-        paused_s = time.perf_counter() - start
-        await asyncio.to_thread(shutil.rmtree, path, ignore_errors=True)
-        return paused_s
+            await asyncio.to_thread(shutil.rmtree, path, ignore_errors=True)
+    return await _paused(engine, lambda: engine.update_weights(named_weights(model), version))
+
+
+async def _paused(engine: Engine, update: Callable[[], Awaitable[None]]) -> float:
+    """Run `update` with generation paused; returns the seconds it was paused."""
     start = time.perf_counter()
     await engine.pause()
     try:
-        await engine.update_weights(named_weights(model), version)
+        await update()
     finally:
         await engine.resume()
     return time.perf_counter() - start
