@@ -17,7 +17,8 @@ from typing import Any
 
 from areal_lite.algorithms import overlong_penalty
 from areal_lite.checkpoint import load_latest_checkpoint, restore_rng, save_checkpoint
-from areal_lite.config import ExperimentConfig, config_to_toml, load_config, run_path
+from areal_lite.config import (ExperimentConfig, config_to_toml, load_config, run_path,
+                               validate_config)
 from areal_lite.data import PromptStream, load_dataset_rows
 from areal_lite.learner import Learner
 from areal_lite.metrics import MetricsLogger
@@ -34,7 +35,8 @@ class Trainer:
     """Owns one training run, described by an `ExperimentConfig` (or a TOML path)."""
 
     def __init__(self, config: ExperimentConfig | str | Path, overrides: list[str] = ()) -> None:
-        self.cfg = config if isinstance(config, ExperimentConfig) else load_config(config, overrides)
+        self.cfg = (validate_config(config) if isinstance(config, ExperimentConfig)
+                    else load_config(config, overrides))
         self.run_dir = run_path(self.cfg)
         self.version = 0  # weight version in the engine
         self.step = 0  # RL steps done
