@@ -234,11 +234,8 @@ class ChatCompletions:
             choice = {"index": i, "message": message, "finish_reason": finish,
                       "logprobs": self._logprobs(res.output_ids, res.logprobs) if req.logprobs else None}
             choices.append(choice)
-        completion = sum(len(r.output_ids) for r in results)
         return {"id": rid, "object": "chat.completion", "created": int(time.time()),
-                "model": self.model_name, "choices": choices,
-                "usage": {"prompt_tokens": len(prompt.input_ids), "completion_tokens": completion,
-                          "total_tokens": len(prompt.input_ids) + completion}}
+                "model": self.model_name, "choices": choices, "usage": _usage(prompt, results)}
 
     def _logprobs(self, ids: list[int], logprobs: list[float]) -> dict:
         content = []
@@ -287,10 +284,7 @@ class ChatCompletions:
                     yield sse_event({**base, "choices": [choice]})
             self._record(session, prompt, rid, results)
             if req.include_usage:
-                completion = sum(len(r.output_ids) for r in results)
-                yield sse_event({**base, "choices": [], "usage": {
-                    "prompt_tokens": len(prompt.input_ids), "completion_tokens": completion,
-                    "total_tokens": len(prompt.input_ids) + completion}})
+                yield sse_event({**base, "choices": [], "usage": _usage(prompt, results)})
             yield SSE_DONE
         finally:
             session.num_inflight -= 1
@@ -353,6 +347,12 @@ class _ChoiceStream:
                 finish = "tool_calls"
             out.append({"index": i, "delta": {}, "finish_reason": finish})
         return out
+
+
+def _usage(prompt: Prompt, results: list[GenerateResult]) -> dict:
+    completion = sum(len(r.output_ids) for r in results)
+    return {"prompt_tokens": len(prompt.input_ids), "completion_tokens": completion,
+            "total_tokens": len(prompt.input_ids) + completion}
 
 
 def engine_api_error(exc: BaseException) -> ApiError:
