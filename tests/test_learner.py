@@ -319,3 +319,23 @@ def test_proximal_from_forward_equals_recomputed(model):
         first_grads.append(grads[0])
     for name, g in first_grads[0].items():
         torch.testing.assert_close(g, first_grads[1][name], rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_compute_dtype_learns_and_keeps_fp32_master_weights(model):
+    """`train.compute_dtype = "bfloat16"` autocasts forward/backward on the CPU; weights
+    and optimizer state stay float32 and the logprobs stay close to the fp32 ones."""
+    fp32 = make_learner(copy.deepcopy(model))
+    learner = make_learner(model, lr=1e-3, compute_dtype="bfloat16")
+    assert learner.dtype == torch.bfloat16 and fp32.dtype == torch.float32
+    samples = on_policy(learner, make_samples([12, 12], [1.0, 0.0], seed=4))
+    ref = fp32.compute_logprobs(samples)
+    for got, want in zip(learner.compute_logprobs(samples), ref, strict=True):
+        assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 0.1
+    before = learner.compute_logprobs([samples[0]])[0]
+    for _ in range(4):
+        learner.train_step([samples])
+    after = learner.compute_logprobs([samples[0]])[0]
+    assert sum(after) > sum(before)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(v.dtype == torch.float32 for st_ in learner.optimizer.state.values()
+               for v in st_.values() if isinstance(v, torch.Tensor) and v.dim() > 0)

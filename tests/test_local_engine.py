@@ -313,10 +313,12 @@ async def test_pause_update_weights_resume(model, tok, tiny_model_dir, tmp_path,
     # tokens after the swap are the new model's greedy choices on the old model's KV
     from transformers import DynamicCache
 
-    cache = DynamicCache()
+    from areal_lite.engine.batch import cache_kwarg
+
+    cache = {cache_kwarg(old): DynamicCache()}
     with torch.no_grad():
-        old(torch.tensor([p + out.output_ids[: j - 1]]), past_key_values=cache)
-        logits = new(torch.tensor([out.output_ids[j - 1:]]), past_key_values=cache).logits
+        old(torch.tensor([p + out.output_ids[: j - 1]]), **cache)
+        logits = new(torch.tensor([out.output_ids[j - 1:]]), **cache).logits
     assert logits[0, :-1].argmax(-1).tolist() == out.output_ids[j:]
 
 

@@ -83,6 +83,8 @@ class LearnerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ppo_epochs: _PosInt = 1  # passes over each batch
     num_minibatches: _PosInt = 1  # optimizer steps per pass (the batch is split in this many)
     recompute_proximal: bool = True  # proximal logprobs from current weights; False = behaviour
+    # bfloat16 on a CPU with AMX/AVX512-BF16 trains ~2x faster than float32 here
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # autocast; auto = bf16 on CUDA only
 
     def __post_init__(self) -> None:
         if self.total_steps and self.lr_schedule != "constant" and self.total_steps <= self.warmup_steps:
@@ -97,6 +99,13 @@ _DECAYS: dict[str, Callable[[float], float]] = {
     "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
     "linear": lambda progress: 1.0 - progress,
 }
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype for `train.compute_dtype` on `device`."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
 
 
 def lr_multiplier(step: int, cfg: LearnerConfig) -> float:
@@ -287,9 +296,10 @@ class Learner:
     """Owns the policy's optimizer and schedule; turns groups of samples into updates.
 
     `model` is a Hugging Face causal LM (moved to `device`; keep its parameters float32
-    as master weights). `dtype` is the autocast compute dtype: None = bfloat16 on CUDA,
-    float32 (no autocast) elsewhere. `ref_model` is the frozen reference for the KL
-    penalty, required when `algo.kl_coef > 0`. `max_new_tokens` is the rollout limit,
+    as master weights). The autocast compute dtype is `dtype` when given, else
+    `cfg.compute_dtype` ("auto" = bfloat16 on CUDA, float32 without autocast elsewhere).
+    `ref_model` is the frozen reference for the KL penalty, required when
+    `algo.kl_coef > 0`. `max_new_tokens` is the rollout limit,
     needed by the `seq_mean_token_sum` aggregation. Dropout should be 0 (as in all
     current LLM configs): proximal logprobs are computed in eval mode.
     """
@@ -307,7 +317,7 @@ class Learner:
         self.ref_model = None if ref_model is None else \
             ref_model.to(self.device).eval().requires_grad_(False)
         if dtype is None:
-            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+            dtype = compute_dtype(cfg.compute_dtype, self.device)
         self.dtype = dtype
         self.pad_token_id = pad_token_id
         self.max_new_tokens = max_new_tokens

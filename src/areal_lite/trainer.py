@@ -20,6 +20,7 @@ from areal_lite.checkpoint import load_latest_checkpoint, restore_rng, save_chec
 from areal_lite.config import (ExperimentConfig, config_to_toml, load_config, run_path,
                                validate_config)
 from areal_lite.data import PromptStream, load_dataset_rows
+from areal_lite.hostmem import limit_malloc_growth
 from areal_lite.learner import Learner
 from areal_lite.metrics import MetricsLogger
 from areal_lite.producer import GroupProducer
@@ -54,6 +55,7 @@ class Trainer:
 
     async def atrain(self, workflow: Any = None) -> dict[str, float]:
         cfg = self.cfg
+        limit_malloc_growth()  # engine + learner threads fragment glibc arenas otherwise
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.toml").write_text(config_to_toml(cfg))
         async with open_rollout(cfg, workflow) as stack, contextlib.AsyncExitStack() as exits:

@@ -10,6 +10,7 @@ finished rows. It returns the chunks to stream; the event loop delivers them.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +55,7 @@ class RunningBatch:
         self.max_batch_size = max_batch_size
         self.kv = PaddedKV(num_layers, rows_cap=0, cols_cap=0, device=device)
         self.seqs: list[Seq] = []
+        self._cache_kwarg = cache_kwarg(model)
 
     def clear(self) -> None:
         self.kv.clear()
@@ -117,7 +119,7 @@ class RunningBatch:
         ids = torch.tensor([[r[0]] * (width - len(r)) + r for r in rows], device=self.device)
         mask, positions = kv.prepare(lens)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=kv.cache, use_cache=True, logits_to_keep=1)
+                         **{self._cache_kwarg: kv.cache}, use_cache=True, logits_to_keep=1)
         kv.advance(lens)
         return out.logits[:, -1]
 
@@ -140,6 +142,13 @@ class RunningBatch:
 
     def _decode_tail(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def cache_kwarg(model) -> str:
+    """The forward() keyword that takes a KV cache: `cache` from transformers 5.24 on
+    (`past_key_values` is deprecated there), `past_key_values` before."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def common_prefix_len(prompts: list[list[int]]) -> int:

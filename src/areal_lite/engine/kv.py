@@ -19,7 +19,7 @@ Between steps the engine reshapes the batch:
   hint) and the padding columns every row shares are dropped on the way.
 
 The buffers are exposed to Hugging Face models through a ``transformers`` ``Cache`` made
-of ``SlotLayer``s, so any HF decoder that calls ``past_key_values.update`` works.
+of ``SlotLayer``s, so any HF decoder that calls ``update`` on the cache it is given works.
 Sliding-window layers are treated as full attention (exact while the context fits the
 window).
 """
