@@ -75,6 +75,23 @@ def test_alias_uses_existing_cache_without_converting(monkeypatch, tmp_path):
     assert resolve_model_dir("SmolLM2-135M-Instruct", cache_dir=str(tmp_path)) == cached
 
 
+def test_cached_gguf_quantization_config_is_dropped(monkeypatch, tmp_path):
+    """A cache converted by an older version kept the GGUF `quantization_config`, which
+    makes transformers refuse to save checkpoints; resolving the alias repairs it."""
+    import json
+
+    cached = tmp_path / models.SMOLLM2_CACHE_NAME
+    cached.mkdir()
+    (cached / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 8,
+        "quantization_config": {"quant_method": "gguf", "gguf_file": "x.gguf"}}))
+    monkeypatch.setattr(models, "convert_gguf", lambda *a: pytest.fail("no conversion expected"))
+    assert resolve_model_dir(SMOLLM2_ALIAS, cache_dir=str(tmp_path)) == cached
+    assert json.loads((cached / "config.json").read_text()) == {"model_type": "llama",
+                                                                "hidden_size": 8}
+    assert sorted(p.name for p in cached.iterdir()) == ["config.json"]
+
+
 def test_killed_conversion_leaves_no_half_cache(monkeypatch, tmp_path):
     def broken(gguf, out_dir):
         (Path(out_dir) / "model.safetensors").write_bytes(b"partial")
@@ -122,3 +139,5 @@ def test_smollm2_alias_converts_once_and_round_trips(monkeypatch, tmp_path):
     assert rendered.endswith("<|im_start|>assistant\n")
     model = load_causal_lm(model_dir)
     assert model.generation_config.eos_token_id == tok.eos_token_id
+    assert getattr(model.config, "quantization_config", None) is None
+    model.save_pretrained(tmp_path / "saved")  # checkpoints of the alias can be written

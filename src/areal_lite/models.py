@@ -16,7 +16,9 @@ conversion killed half-way never leaves a half cache behind.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -105,6 +107,7 @@ def smollm2_gguf_path(package: str = SMOLLM2_PACKAGE) -> Path:
 def _smollm2_dir(root: Path) -> Path:
     target = root / SMOLLM2_CACHE_NAME
     if (target / "config.json").is_file():
+        _drop_quantization_config(target / "config.json")  # caches made by older versions
         return target  # fast path: converted before
     gguf = smollm2_gguf_path()
     root.mkdir(parents=True, exist_ok=True)
@@ -130,13 +133,29 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     folder, name = str(gguf.parent), gguf.name
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
-    # save_pretrained refuses GGUF-loaded models: copy the weights into a fresh model.
-    model = AutoModelForCausalLM.from_config(gguf_model.config)
+    # save_pretrained refuses GGUF-loaded models: copy the weights into a fresh model
+    # whose config no longer says "gguf" (else its checkpoints could not be saved either).
+    config = copy.deepcopy(gguf_model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config
     _fix_chatml_tokenizer(tok, model)
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
+
+
+def _drop_quantization_config(config_json: Path) -> None:
+    """Remove a GGUF `quantization_config` from a converted (dequantized) checkpoint's
+    config: transformers would refuse to `save_pretrained` a model loaded with it."""
+    data = json.loads(config_json.read_text())
+    if data.get("quantization_config", {}).get("quant_method") != "gguf":
+        return
+    del data["quantization_config"]
+    tmp = config_json.with_name(f".{config_json.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, config_json)
 
 
 def _fix_chatml_tokenizer(tok, model) -> None:
