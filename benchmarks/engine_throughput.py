@@ -1,12 +1,17 @@
 """Benchmark: local engine (continuous batching) vs Hugging Face `model.generate`.
 
 Same model, same chat-templated prompts, same max_new_tokens, greedy. For each
-concurrency N: (a) N concurrent `LocalEngine.generate` calls, (b) one left-padded batch of
-the same N prompts through `model.generate`. Output tokens count up to and including the
-first eos (a padded HF row keeps computing after its eos; those tokens are not counted).
-Prints one JSON line per concurrency:
+concurrency N and each workload size W (`--waves`, default "1,4"), N x W prompts are
+served: (a) by N client coroutines that each send the next prompt to `LocalEngine` as soon
+as their previous request finishes (N requests always in flight, the way N agents use
+it), (b) by `model.generate` on consecutive left-padded batches of N prompts (the way a
+user without an engine would batch them). W = 1 is a single batch: there continuous
+batching can only drop finished rows early; W > 1 is sustained load, where it also refills
+the freed rows while `generate` waits for each batch's longest reply. Output tokens count
+up to and including the first eos (a padded HF row keeps computing after its eos; those
+tokens are not counted). Prints one JSON line per (concurrency, waves):
 
-    {"bench": "engine_throughput", "concurrency": N, "engine_tok_s": ..,
+    {"bench": "engine_throughput", "concurrency": N, "waves": W, "engine_tok_s": ..,
      "hf_generate_tok_s": .., "ratio": .., "greedy_identical": true|false,
      "num_differ": .., "device": .., "dtype": ..}
 
@@ -61,13 +66,31 @@ def cut_at_eos(ids: list[int], eos: frozenset[int]) -> list[int]:
     return ids
 
 
-async def run_engine(engine: LocalEngine, prompts, max_new_tokens: int):
+async def run_engine(engine: LocalEngine, prompts, max_new_tokens: int, concurrency: int):
+    """`concurrency` clients, each sending the next unserved prompt when its last is done."""
     sp = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    todo = iter(enumerate(prompts))  # shared: each client takes the next prompt
+
+    async def client() -> None:
+        for i, p in todo:
+            result = await engine.generate(GenerateRequest(rid=f"b{i}", input_ids=p, sampling=sp))
+            outputs[i] = result.output_ids
+
     start = time.perf_counter()
-    results = await asyncio.gather(*[
-        engine.generate(GenerateRequest(rid=f"b{i}", input_ids=p, sampling=sp))
-        for i, p in enumerate(prompts)])
-    return [r.output_ids for r in results], time.perf_counter() - start
+    await asyncio.gather(*[client() for _ in range(concurrency)])
+    return outputs, time.perf_counter() - start
+
+
+def run_hf_batches(model, tokenizer, prompts, max_new_tokens: int, eos, device, batch: int):
+    """`model.generate` on consecutive batches of `batch` prompts."""
+    outputs: list[list[int]] = []
+    elapsed = 0.0
+    for i in range(0, len(prompts), batch):
+        out, secs = run_hf(model, tokenizer, prompts[i:i + batch], max_new_tokens, eos, device)
+        outputs += out
+        elapsed += secs
+    return outputs, elapsed
 
 
 def run_hf(model, tokenizer, prompts, max_new_tokens: int, eos: frozenset[int], device):
@@ -101,26 +124,29 @@ async def bench(args) -> None:
                            max_batch_size=max(64, max_n), max_kv_tokens=1 << 22) as engine:
         eos = engine.eos_ids
         warm = make_prompts(tokenizer, 2)
-        await run_engine(engine, warm, 4)
+        await run_engine(engine, warm, 4, 2)
         run_hf(model, tokenizer, warm, 4, eos, device)
-        for n in concurrencies:
-            prompts = make_prompts(tokenizer, n)
-            eng_s = hf_s = float("inf")
-            for _ in range(args.repeats):  # interleaved, best of: robust to a busy machine
-                eng_out, secs = await run_engine(engine, prompts, args.max_new_tokens)
-                eng_s = min(eng_s, secs)
-                hf_out, secs = run_hf(model, tokenizer, prompts, args.max_new_tokens, eos, device)
-                hf_s = min(hf_s, secs)
-            eng_tok = sum(len(o) for o in eng_out) / eng_s
-            hf_tok = sum(len(o) for o in hf_out) / hf_s
-            differ = sum(a != b for a, b in zip(eng_out, hf_out))
-            print(json.dumps({
-                "bench": "engine_throughput", "concurrency": n,
-                "engine_tok_s": round(eng_tok, 1), "hf_generate_tok_s": round(hf_tok, 1),
-                "ratio": round(eng_tok / hf_tok, 2), "greedy_identical": differ == 0,
-                "num_differ": differ, "device": str(device), "dtype": str(model.dtype),
-                "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "threads": torch.get_num_threads(),
-            }), flush=True)
+        for waves in [int(w) for w in args.waves.split(",")]:
+            for n in concurrencies:
+                prompts = make_prompts(tokenizer, n * waves)
+                eng_s = hf_s = float("inf")
+                for _ in range(args.repeats):  # interleaved, best of: robust to a busy machine
+                    eng_out, secs = await run_engine(engine, prompts, args.max_new_tokens, n)
+                    eng_s = min(eng_s, secs)
+                    hf_out, secs = run_hf_batches(model, tokenizer, prompts, args.max_new_tokens,
+                                                  eos, device, n)
+                    hf_s = min(hf_s, secs)
+                eng_tok = sum(len(o) for o in eng_out) / eng_s
+                hf_tok = sum(len(o) for o in hf_out) / hf_s
+                differ = sum(a != b for a, b in zip(eng_out, hf_out))
+                print(json.dumps({
+                    "bench": "engine_throughput", "concurrency": n, "waves": waves,
+                    "engine_tok_s": round(eng_tok, 1), "hf_generate_tok_s": round(hf_tok, 1),
+                    "ratio": round(eng_tok / hf_tok, 2), "greedy_identical": differ == 0,
+                    "num_differ": differ, "device": str(device), "dtype": str(model.dtype),
+                    "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
+                    "threads": torch.get_num_threads(),
+                }), flush=True)
 
 
 def main() -> None:
@@ -132,6 +158,8 @@ def main() -> None:
                         help="float32 | bfloat16 | float16 | auto (bf16 on CUDA)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--concurrency", default="1,8,32,64")
+    parser.add_argument("--waves", default="1,4",
+                        help="prompts per client: 1 = one batch, >1 = sustained load")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs; best is kept")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     args = parser.parse_args()

@@ -27,3 +27,38 @@ def test_rollout_overhead_quick_run():
         assert row["errors"] == 0, row
         assert row["calls"] >= 1 and row["requests_per_s"] > 0, row
         assert row["added_latency_ms_p50"] is not None, row  # sdk_ceiling ran first
+
+
+BENCH = SCRIPT.parent
+
+
+def _json_lines(proc) -> list[dict]:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def test_engine_throughput_quick_run():
+    """Single batch and sustained load, both sides, greedy outputs compared."""
+    proc = subprocess.run([sys.executable, str(BENCH / "engine_throughput.py"), "--model", "tiny",
+                           "--concurrency", "1,3", "--waves", "1,2", "--max-new-tokens", "5",
+                           "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    rows = _json_lines(proc)
+    assert {(r["concurrency"], r["waves"]) for r in rows} == {(1, 1), (3, 1), (1, 2), (3, 2)}
+    for r in rows:
+        assert r["engine_tok_s"] > 0 and r["hf_generate_tok_s"] > 0, r
+        assert r["ratio"] == round(r["engine_tok_s"] / r["hf_generate_tok_s"], 2), r
+        assert r["greedy_identical"] == (r["num_differ"] == 0), r
+
+
+def test_train_step_quick_run():
+    """Learner packing vs not, and the weight swap next to a plain copy, on the tiny model."""
+    proc = subprocess.run([sys.executable, str(BENCH / "train_step.py"), "--model", "tiny",
+                           "--only", "learner,swap", "--samples", "8", "--max-len", "60"],
+                          capture_output=True, text=True, timeout=300)
+    rows = _json_lines(proc)
+    learner = {r["packing"]: r for r in rows if r["measure"] == "learner"}
+    assert set(learner) == {True, False}
+    assert learner[True]["padding_frac"] <= learner[False]["padding_frac"]
+    assert all(r["tokens_per_s"] > 0 and r["num_samples"] == 8 for r in learner.values())
+    [swap] = [r for r in rows if r["measure"] == "weight_swap"]
+    assert swap["swap_s"] > 0 and swap["plain_copy_s"] > 0 and swap["bytes"] > 0
