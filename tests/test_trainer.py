@@ -41,14 +41,24 @@ async def test_two_steps_train_and_swap(tiny_model_dir, tmp_path, eta):
 
 
 async def test_kill_and_resume_never_repeats_or_skips_a_prompt(tiny_model_dir, tmp_path, monkeypatch):
-    trained: list[str] = []
-    original = GroupProducer.next_batch
+    """Stop after 2 steps (with groups still running), restart to 5: no prompt cursor is
+    trained twice, every cursor below the last one trained was trained or is recorded as
+    unfinished in the final checkpoint (to be handed out first on the next restart), and
+    the restarted run keeps the staleness bound from its first step."""
+    from areal_lite.checkpoint import load_latest_checkpoint
+
+    trained: list[int] = []
+    original_group, original_next = GroupProducer._group, GroupProducer.next_batch
+
+    async def tagged(self, cursor, row):  # carry the prompt cursor into the group's data
+        await original_group(self, cursor, {**row, "_cursor": cursor})
 
     async def recording(self):
-        groups, versions = await original(self)
-        trained.extend(g.data["id"] for g in groups)
+        groups, versions = await original_next(self)
+        trained.extend(g.data["_cursor"] for g in groups)
         return groups, versions
 
+    monkeypatch.setattr(GroupProducer, "_group", tagged)
     monkeypatch.setattr(GroupProducer, "next_batch", recording)
     extra = ("trainer.save_every=1", "trainer.eval_every=0", "rollout.max_head_offpolicyness=1",
              "data.train=arithmetic:10")
@@ -58,6 +68,11 @@ async def test_kill_and_resume_never_repeats_or_skips_a_prompt(tiny_model_dir, t
     second = Trainer(tiny_cfg(tiny_model_dir, tmp_path, "trainer.total_steps=5", *extra))
     await second.atrain()
     assert second.step == 5 and second.version == 5
-    epoch_one, epoch_two = trained[:10], trained[10:]
-    assert len(set(epoch_one)) == 10  # one full epoch: every prompt exactly once
-    assert len(set(epoch_two)) == len(epoch_two)
+    assert len(trained) == 10 and len(set(trained)) == 10  # no prompt trained twice
+    _, state = load_latest_checkpoint(second.run_dir)
+    unfinished = set(state["extra"]["data"]["unfinished"])
+    assert set(range(max(trained) + 1)) - set(trained) <= unfinished  # none skipped
+    assert not unfinished & set(trained)
+    rows = [json.loads(line) for line in (second.run_dir / "metrics.jsonl").read_text().splitlines()]
+    lags = [r["rollout/start_version_lag"] for r in rows if "rollout/start_version_lag" in r]
+    assert len(lags) == 5 and max(lags) <= 1  # max_head_offpolicyness = 1, also after resume

@@ -17,6 +17,7 @@ from areal_lite.stack import RolloutStack, open_rollout
 from areal_lite.trainer import Trainer
 from areal_lite.types import (CompletionNode, GenerateRequest, GenerateResult, Sample,
                               SamplingParams, TokenChunk)
+from areal_lite.weight_group import WeightGroup
 
 __all__ = [
     "AlgorithmConfig",
@@ -46,6 +47,7 @@ __all__ = [
     "SamplingParams",
     "TokenChunk",
     "Trainer",
+    "WeightGroup",
     "export_concat",
     "export_episode",
     "export_individual",

@@ -148,6 +148,10 @@ class SGLangConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_connections: PosInt = 1024  # keep-alive pool size over all servers
     weight_update: Literal["tensor", "distributed", "disk"] = "disk"  # how new weights arrive
     tp_size: PosInt = 1  # tensor-parallel size of each server
+    weight_group_host: str = ""  # trainer address the servers reach (distributed); "" = 127.0.0.1
+    weight_group_port: Port = 0  # rendezvous TCP port on the trainer; 0 = pick a free one
+    weight_group_backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto = nccl if CUDA, else gloo
+    weight_group_timeout_s: PosFloat = 600.0  # limit to join the group, and for one update, seconds
 
     def __post_init__(self) -> None:
         for i, url in enumerate(self.urls):

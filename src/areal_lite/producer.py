@@ -25,12 +25,14 @@ class GroupProducer:
 
     def __init__(self, controller: RolloutController, prompts: PromptStream, *,
                  batch_size: int, group_size: int, max_head_offpolicyness: int,
-                 version: Callable[[], int]) -> None:
+                 version: Callable[[], int], consumed: int = 0) -> None:
         self.controller, self.prompts = controller, prompts
         self.batch_size, self.group_size = batch_size, group_size
         self.eta = max_head_offpolicyness
         self.version = version  # current weight version of the engine
-        self.num_accepted = 0  # groups finished with samples (queued or consumed)
+        # groups finished with samples (queued or consumed); a resumed run starts with the
+        # groups its earlier steps consumed, so the bound holds from the first new group
+        self.num_accepted = consumed
         self.num_rejected = 0  # groups whose every episode failed
         self.rejected_streak = 0  # consecutive rejected groups (the agent may be broken)
         self._running: dict[int, asyncio.Task] = {}  # cursor -> task

@@ -27,6 +27,7 @@ from areal_lite.producer import GroupProducer
 from areal_lite.rollout import GroupResult, RolloutController
 from areal_lite.stack import open_rollout, resolve_device
 from areal_lite.types import Sample
+from areal_lite.weight_group import WeightGroup
 from areal_lite.weight_sync import swap_weights
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class Trainer:
         self.run_dir = run_path(self.cfg)
         self.version = 0  # weight version in the engine
         self.step = 0  # RL steps done
+        self.weight_group: WeightGroup | None = None  # open while training, "distributed" only
 
     def train(self, workflow: Any = None) -> dict[str, float]:
         """Run the loop to `trainer.total_steps`; returns the last step's metrics."""
@@ -60,6 +62,10 @@ class Trainer:
         (self.run_dir / "config.toml").write_text(config_to_toml(cfg))
         async with open_rollout(cfg, workflow) as stack, contextlib.AsyncExitStack() as exits:
             learner, model = await asyncio.to_thread(self._make_learner, stack.model_dir)
+            sglang = cfg.rollout.sglang
+            if cfg.rollout.backend == "sglang" and sglang.weight_update == "distributed":
+                self.weight_group = await exits.enter_async_context(
+                    WeightGroup(stack.engine, sglang))  # the servers join it now
             prompts = PromptStream(load_dataset_rows(cfg.data.train, split="train", seed=cfg.seed),
                                    batch_size=cfg.rollout.batch_size, seed=cfg.seed)
             eval_rows = self._eval_rows()
@@ -67,7 +73,8 @@ class Trainer:
             producer = GroupProducer(stack.controller, prompts, batch_size=cfg.rollout.batch_size,
                                      group_size=cfg.rollout.group_size,
                                      max_head_offpolicyness=cfg.rollout.max_head_offpolicyness,
-                                     version=lambda: self.version)
+                                     version=lambda: self.version,
+                                     consumed=self.step * cfg.rollout.batch_size)
             metrics = exits.enter_context(MetricsLogger(self.run_dir, cfg.metrics,
                                                         start_step=self.step))
             producing = asyncio.create_task(producer.run())
@@ -101,10 +108,7 @@ class Trainer:
         samples = [self._shape_rewards(g.samples) for g in groups]
         stats = await asyncio.to_thread(learner.train_step, samples, current_version=self.version)
         t2 = time.perf_counter()
-        paused_s = await swap_weights(stack.engine, model, self.version + 1,
-                                      mode=cfg.rollout.sglang.weight_update
-                                      if cfg.rollout.backend == "sglang" else "tensor",
-                                      scratch_dir=self.run_dir)
+        paused_s = await self._swap(stack, model, self.version + 1)
         self.version += 1
         self.step += 1
         await producer.notify()
@@ -174,8 +178,15 @@ class Trainer:
         restore_rng(state)
         self.step = int(state["step"])
         self.version = int(state["extra"]["version"])
-        await swap_weights(stack.engine, model, self.version, scratch_dir=self.run_dir)
+        await self._swap(stack, model, self.version)
         log.info("resumed from %s at step %d (weight version %d)", path, self.step, self.version)
+
+    async def _swap(self, stack, model, version: int) -> float:
+        """Install `model`'s weights in the engine the configured way; seconds paused."""
+        r = self.cfg.rollout
+        return await swap_weights(stack.engine, model, version,
+                                  mode=r.sglang.weight_update if r.backend == "sglang" else "tensor",
+                                  scratch_dir=self.run_dir, group=self.weight_group)
 
     async def _save(self, stack, learner: Learner, model, prompts: PromptStream,
                     producer: GroupProducer) -> None:

@@ -3,7 +3,8 @@
 For tests and overhead benchmarks, no GPU: `/generate` (batches, streaming, logprob
 triples, stop rules, context and sampling validation), pause/continue/abort with
 partial results, weight-update, memory, cache, health and info endpoints. The pretend
-model is in `fake_sglang_model.py`, requests in flight in `fake_sglang_state.py`.
+model is in `fake_sglang_model.py`, requests in flight in `fake_sglang_state.py`, weight
+updates in `fake_sglang_weights.py` (a gloo weight-update group is joined for real).
 
     async with FakeSGLangServer(latency_s=0.01) as fake:
         ...  # point a client at fake.url; assert on fake.state.calls, .weight_version
@@ -21,7 +22,7 @@ from aiohttp import web
 
 from areal_lite.engine.fake_sglang_model import BadRequest, FakeModel, Item, parse_generate_items
 from areal_lite.engine.fake_sglang_state import ConnectionDropped, FakeSGLangState, Live
-from areal_lite.engine.fake_sglang_weights import LOADS, UPDATE_CHECKS
+from areal_lite.engine.fake_sglang_weights import UPDATE_CHECKS, apply_update
 
 __all__ = ["FAKE_STATE", "FakeSGLangServer", "build_fake_sglang_app"]
 
@@ -247,7 +248,7 @@ async def _server_info(request: web.Request) -> web.Response:
     return _json({
         "model_path": info["model_path"], "served_model_name": info["served_model_name"],
         "context_length": st.max_context_len, "skip_tokenizer_init": st.encode is None,
-        "tp_size": 1, "dp_size": 1, "disable_radix_cache": not st.prefix_cache,
+        "tp_size": st.tp_size, "dp_size": 1, "disable_radix_cache": not st.prefix_cache,
         "incremental_streaming_output": st.incremental_streaming,
         "weight_version": st.weight_version, "version": "fake",
         "internal_states": [{"max_total_num_tokens": st.max_context_len * 8}],
@@ -266,38 +267,11 @@ async def _models(request: web.Request) -> web.Response:
 # -- weight updates ----------------------------------------------------------------
 
 async def _update(request: web.Request) -> web.Response:
-    """Any weight endpoint: validate, take the writer lock, set the version."""
+    """Any weight endpoint (see `fake_sglang_weights.apply_update`)."""
     st, path = request.app[FAKE_STATE], request.path
     body = await _body(request)
     st.last_bodies[path] = body
-    error = UPDATE_CHECKS[path](st, body)
-    if error is not None:
-        return _json({"success": False, "message": error}, 400)
-    relabel = path == "/update_weight_version"
-    if body.get("abort_all_requests", relabel):
-        st.abort_all("Aborted")
-    if path in LOADS:
-        if not st.paused:  # writer lock: wait for requests in flight to finish
-            st.updating += 1
-            try:
-                await st.wait_until(lambda: not st.in_flight, None)
-            finally:
-                st.updating -= 1
-                st.notify()
-        elif st.strict_flush and body.get("flush_cache", True) and st.in_flight:
-            return _json({"error": {"message": "flush_cache failed: requests are still held"
-                          " by a retract/in_place pause; send flush_cache=false"}}, 500)
-        st.num_weight_updates += 1
-    version = body.get("new_version" if relabel else "weight_version")
-    if version is not None:
-        st.weight_version = str(version)
-    st.notify()
-    reply: dict[str, Any] = {"success": True, "message": "Succeeded to update model weights."}
-    if path == "/update_weights_from_disk":
-        reply["num_paused_requests"] = 0
-    if relabel:
-        reply["new_version"] = st.weight_version
-    return _json(reply)
+    return _json(*await apply_update(st, path, body))
 
 
 # -- app and server ----------------------------------------------------------------
@@ -321,6 +295,8 @@ def build_fake_sglang_app(
     prefix_cache: bool = True,
     strict_flush: bool = True,
     decode_tensors: bool = False,  # unpickle update_weights_from_tensor (same host only)
+    tp_size: int = 1,  # ranks this server joins a weight-update group with
+    group_timeout_s: float = 60.0,  # limit to join that group and for each broadcast
     health_timeout_s: float = 20.0,
     history: int = 1000,
 ) -> web.Application:
@@ -331,7 +307,8 @@ def build_fake_sglang_app(
         model=model, max_context_len=max_context_len, latency_s=latency_s, decode=decode,
         encode=encode, incremental_streaming=incremental_streaming,
         max_running_requests=max_running_requests, prefix_cache=prefix_cache,
-        strict_flush=strict_flush, decode_tensors=decode_tensors, history=history)
+        strict_flush=strict_flush, decode_tensors=decode_tensors, tp_size=tp_size,
+        group_timeout_s=group_timeout_s, history=history)
     app = web.Application(middlewares=[_gatekeeper], client_max_size=1 << 31)
     app[FAKE_STATE] = state
     app[_INFO] = {"api_key": api_key, "served_model_name": served_model_name,
@@ -385,6 +362,8 @@ class FakeSGLangServer:
         self.state.closing = True
         self.state.abort_all("server shutting down")
         self.state.notify()
+        for member in self.state.group_members.values():
+            member.close()
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()

@@ -76,6 +76,8 @@ class FakeSGLangState:
         prefix_cache: bool = True,  # False = --disable-radix-cache
         strict_flush: bool = True,  # fail flushing updates while requests are held
         decode_tensors: bool = False,  # unpickle tensors sent to update_weights_from_tensor
+        tp_size: int = 1,  # ranks this server joins a weight-update group with
+        group_timeout_s: float = 60.0,  # limit to join a gloo group and for each broadcast
         history: int = 1000,  # /generate bodies kept in `generate_bodies`
     ) -> None:
         self.model = model
@@ -88,6 +90,8 @@ class FakeSGLangState:
         self.prefix_cache = prefix_cache
         self.strict_flush = strict_flush
         self.decode_tensors = decode_tensors
+        self.tp_size = tp_size
+        self.group_timeout_s = group_timeout_s
         # observable state
         self.calls: Counter[str] = Counter()  # path -> requests received
         self.last_bodies: dict[str, Any] = {}  # path -> last JSON body
@@ -102,8 +106,9 @@ class FakeSGLangState:
         self.pause_mode: str | None = None
         self.updating = 0  # weight updates holding the writer lock
         self.released_tags: set[str] = set()
-        self.groups: dict[str, Any] = {}  # weight-update groups by name
-        self.received_tensors: dict[str, Any] = {}
+        self.groups: dict[str, Any] = {}  # weight-update groups by name: init body
+        self.group_members: dict[str, Any] = {}  # gloo groups joined: GroupMember
+        self.received_tensors: dict[str, Any] = {}  # name -> tensor, last tensor/dist update
         self.closing = False  # set by FakeSGLangServer.stop(); wakes every waiter
         self.failures: dict[str, deque[int | str]] = {}  # path -> injected failures
         self._cache: set[int] = set()

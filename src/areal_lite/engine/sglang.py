@@ -165,6 +165,11 @@ class SGLangEngine:
     def paused(self) -> bool:
         return self._paused
 
+    @property
+    def tp_size(self) -> int:
+        """Tensor-parallel ranks per server (each joins a weight-update group)."""
+        return self._tp_size
+
     async def generate(self, req: GenerateRequest) -> GenerateResult:
         run = _Run(req, self.router.pick(req.session_id))
         chunks = [c async for c in self._drive(run, stream=False)]
@@ -223,13 +228,14 @@ class SGLangEngine:
 
     async def init_weights_update_group(
         self, master_address: str, master_port: int, rank_offset: int, world_size: int,
-        group_name: str = "weight_update_group", backend: str = "nccl",
+        group_name: str = "weight_update_group", backend: str = "nccl", *,
+        timeout_s: float = 600.0,
     ) -> None:
-        """Servers join the trainer's NCCL group (see sglang_weights for ranks)."""
+        """Servers join the trainer's process group (see sglang_weights for ranks)."""
         await weights.init_weights_update_group(
             self.control, master_address=master_address, master_port=master_port,
             rank_offset=rank_offset, world_size=world_size, group_name=group_name,
-            backend=backend, tp_size=self._tp_size)
+            backend=backend, tp_size=self._tp_size, timeout_s=timeout_s)
 
     async def destroy_weights_update_group(self, group_name: str = "weight_update_group"
                                            ) -> None:
@@ -239,11 +245,12 @@ class SGLangEngine:
         self, names: Sequence[str], dtypes: Sequence[Any], shapes: Sequence[Sequence[int]],
         version: int, group_name: str = "weight_update_group", *,
         flush_cache: bool | None = None, load_format: str | None = None,
+        timeout_s: float = 600.0,
     ) -> None:
-        """HTTP half of an NCCL update; the trainer broadcasts the tensors meanwhile."""
+        """HTTP half of a broadcast update; the trainer broadcasts the tensors meanwhile."""
         await weights.update_weights_from_distributed(
             self.control, names, dtypes, shapes, version, group_name=group_name,
-            flush_cache=flush_cache, load_format=load_format)
+            flush_cache=flush_cache, load_format=load_format, timeout_s=timeout_s)
         self._version = version
 
     async def release_memory_occupation(self, tags: list[str] | None = None) -> None:

@@ -1,7 +1,7 @@
 """engine/ SGLang weight updates: the HTTP side of swapping new weights into servers.
 
 Three ways in (protocol section 2): tensors by CUDA IPC handle for a colocated trainer
-(`/update_weights_from_tensor`), an NCCL broadcast from the trainer
+(`/update_weights_from_tensor`), a broadcast from the trainer over NCCL or gloo
 (`/init_weights_update_group` + `/update_weights_from_distributed`; the broadcast itself
 is the trainer's job), or a checkpoint on disk (`/update_weights_from_disk`). Each
 sends `weight_version=str(version)` and raises EngineError unless every server says
@@ -12,6 +12,7 @@ false after a `retract`/`in_place` pause, and the default (true) is right after 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -31,6 +32,8 @@ __all__ = [
 ]
 
 NamedTensors = Mapping[str, Any] | Iterable[tuple[str, Any]]
+_LOADS = ("/update_weights_from_tensor", "/update_weights_from_disk",
+          "/update_weights_from_distributed")  # calls that change the weights
 
 
 def serialize_named_tensors(named_tensors: NamedTensors, *, tp_size: int = 1) -> list[str]:
@@ -75,9 +78,44 @@ def _check(results: list[Any], path: str, urls: Sequence[str]) -> None:
 async def _update(control: SGLangControl, path: str, body: Any, timeout_s: float) -> None:
     try:
         results = await control.call_all(path, body, timeout_s=timeout_s)
-    except EngineError as e:  # add what to do to the per-server messages
+    except EngineError as e:
+        if path not in _LOADS:
+            raise
+        # add what to do to the per-server messages
         raise type(e)(f"{e} (the servers may hold mixed weights; retry the update)") from e
     _check(results, path, control.urls)
+
+
+async def _collective(control: SGLangControl, path: str, body: Any, timeout_s: float) -> None:
+    """`_update` for calls that block in a collective on the servers (joining the group,
+    receiving a broadcast). If one server fails, the others wait for it in vain. So the
+    first failure cancels the rest and is raised at once, naming the server."""
+    urls = control.urls
+    bodies = [body(i, u) if callable(body) else body for i, u in enumerate(urls)]
+    calls = {asyncio.ensure_future(control.call(u, path, b, timeout_s=timeout_s)): u
+             for u, b in zip(urls, bodies)}
+    pending = set(calls)
+    try:
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            bad = []
+            for task in done:
+                try:
+                    r = task.result()
+                except EngineError as e:  # names url and path
+                    bad.append(str(e))
+                    continue
+                if not (isinstance(r, dict) and r.get("success") is True):
+                    bad.append(f"{calls[task]}: {r.get('message') if isinstance(r, dict) else r!r}")
+            if bad:
+                hint = " (the servers may hold mixed weights; retry)" if path in _LOADS else ""
+                raise EngineError(f"{path} failed: " + "; ".join(bad) + hint
+                                  + f"; stopped waiting for {len(pending)} other servers")
+    finally:
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
 
 
 async def update_weights_from_tensor(
@@ -140,7 +178,7 @@ async def init_weights_update_group(
             "backend": backend,
         }
 
-    await _update(control, "/init_weights_update_group", body, timeout_s)
+    await _collective(control, "/init_weights_update_group", body, timeout_s)
 
 
 async def destroy_weights_update_group(
@@ -173,7 +211,7 @@ async def update_weights_from_distributed(
         "group_name": group_name,
         **_options(version, load_format=load_format, flush_cache=flush_cache),
     }
-    await _update(control, "/update_weights_from_distributed", body, timeout_s)
+    await _collective(control, "/update_weights_from_distributed", body, timeout_s)
 
 
 async def update_weight_version(
