@@ -241,7 +241,13 @@ async def test_stream_chunks_concatenate_to_generate(engine, prompts):
     chunks = [c async for c in engine.stream(req(prompts[2], max_new_tokens=9))]
     assert all(c.finish_reason is None for c in chunks[:-1]) and chunks[-1].finish_reason
     joined = GenerateResult.from_chunks(chunks, prompt_tokens=len(prompts[2]))
-    assert joined == await engine.generate(req(prompts[2], max_new_tokens=9))
+    whole = await engine.generate(req(prompts[2], max_new_tokens=9))
+    assert whole.cached_tokens == len(prompts[2]) - 1  # the prompt came from the prefix cache
+    whole.cached_tokens = 0
+    # the cached prompt KV came from another forward pass: equal up to float rounding
+    assert whole.logprobs == pytest.approx(joined.logprobs, abs=1e-5)
+    whole.logprobs = joined.logprobs
+    assert joined == whole
 
 
 async def test_cancellation_frees_the_slot(model, tok, prompts):

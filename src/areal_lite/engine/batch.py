@@ -3,8 +3,9 @@
 A step (see `RunningBatch.step`): remove cancelled rows; decode one token for every
 running request; prefill the admitted requests as one left-padded batch (the prompt
 prefix they all share -- a GRPO group, a common system prompt -- is computed once and
-copied to every row), sample their first token and merge their KV into the batch; remove
-finished rows. It returns the chunks to stream; the event loop delivers them.
+copied to every row, and whatever part of it an earlier prompt already computed comes
+from the prefix cache, engine/prefix.py), sample their first token and merge their KV
+into the batch; remove finished rows. It returns the chunks to stream; the event loop delivers them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from areal_lite.engine.kv import PaddedKV
+from areal_lite.engine.prefix import PrefixCache
 from areal_lite.engine.sampling import choose_tokens, stop_reason
 from areal_lite.types import GenerateRequest, SamplingParams, TokenChunk
 
@@ -36,6 +38,7 @@ class Seq:
     chunks: list[TokenChunk] = field(default_factory=list)  # generate(): collected so far
     done: bool = False  # final chunk (or error) delivered
     cancelled: bool = False  # the consumer went away: drop at the next step
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache
 
     @property
     def params(self) -> SamplingParams:
@@ -46,7 +49,8 @@ class RunningBatch:
     """The requests holding KV rows; row r of `kv` belongs to `seqs[r]`."""
 
     def __init__(self, model, *, device: torch.device, num_layers: int,
-                 eos_ids: frozenset[int], tokenizer=None, max_batch_size: int):
+                 eos_ids: frozenset[int], tokenizer=None, max_batch_size: int,
+                 prefix_cache: PrefixCache | None = None):
         self.model = model
         self.device = device
         self.num_layers = num_layers
@@ -56,6 +60,7 @@ class RunningBatch:
         self.kv = PaddedKV(num_layers, rows_cap=0, cols_cap=0, device=device)
         self.seqs: list[Seq] = []
         self._cache_kwarg = cache_kwarg(model)
+        self.prefix_cache = prefix_cache  # KV of recent prompts (engine/prefix.py)
 
     def clear(self) -> None:
         self.kv.clear()
@@ -95,21 +100,45 @@ class RunningBatch:
     def _prefill(self, seqs: list[Seq]) -> tuple[PaddedKV, torch.Tensor]:
         """Prefill `seqs` in a fresh cache; return it and their last-token logits."""
         prompts = [s.req.input_ids for s in seqs]
-        shared = common_prefix_len(prompts) if len(prompts) > 1 else 0
-        shared = min(shared, min(len(p) for p in prompts) - 1)  # each row keeps >= 1 token
+        if len(prompts) == 1:
+            return self._prefill_one(seqs[0])
+        cache = self.prefix_cache
+        # the prefix all prompts share is computed once (each row keeps >= 1 own token)
+        shared = min(common_prefix_len(prompts), min(len(p) for p in prompts) - 1)
         rows = [p[shared:] for p in prompts]
-        width = max(len(r) for r in rows)
-        kv = PaddedKV(self.num_layers, rows_cap=len(seqs), cols_cap=shared + width,
-                      device=self.device)
+        kv = PaddedKV(self.num_layers, rows_cap=len(seqs),
+                      cols_cap=shared + max(len(r) for r in rows), device=self.device)
         if shared >= MIN_SHARED_PREFIX:
             kv.start_rows(1)
-            self._forward(kv, [prompts[0][:shared]])
+            hit, entry = cache.lookup(prompts[0], shared) if cache is not None else (0, None)
+            if entry is not None:
+                kv.load_first_row(entry.kv, hit)
+                for s in seqs:
+                    s.cached_tokens = hit
+            if shared > hit:
+                self._forward(kv, [prompts[0][hit:shared]])
+                if cache is not None:
+                    cache.store(prompts[0][:shared], kv.first_row(shared))
             kv.broadcast_first_row(len(seqs))
         else:
             kv.start_rows(len(seqs))
             rows = prompts
         logits = self._forward(kv, rows)
         kv.zero_padding()
+        return kv, logits
+
+    def _prefill_one(self, seq: Seq) -> tuple[PaddedKV, torch.Tensor]:
+        """One prompt: reuse the longest cached prefix, prefill the rest, cache it all."""
+        cache, prompt = self.prefix_cache, seq.req.input_ids
+        kv = PaddedKV(self.num_layers, rows_cap=1, cols_cap=len(prompt), device=self.device)
+        kv.start_rows(1)
+        hit, entry = cache.lookup(prompt, len(prompt) - 1) if cache is not None else (0, None)
+        if entry is not None:
+            kv.load_first_row(entry.kv, hit)
+            seq.cached_tokens = hit
+        logits = self._forward(kv, [prompt[hit:]])
+        if cache is not None:
+            cache.store(prompt, kv.first_row(len(prompt)))
         return kv, logits
 
     def _forward(self, kv: PaddedKV, rows: list[list[int]]) -> torch.Tensor:

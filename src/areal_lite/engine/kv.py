@@ -125,6 +125,26 @@ class PaddedKV:
         self.rows = num_rows
         self.num_tokens = [0] * num_rows
 
+    def load_first_row(self, kv: list[tuple[torch.Tensor, torch.Tensor]], n: int) -> None:
+        """Fill row 0 (of a batch just started with one row) with `n` cached columns:
+        per layer (K, V) of shape [1, kv_heads, >= n, head_dim], positions 0..n-1."""
+        assert self.rows == 1 and self.length == 0 and n <= self.cols_cap
+        for layer, (k, v) in zip(self.layers, kv, strict=True):
+            if layer.buf_k is None:
+                layer.lazy_initialization(k, v)
+                layer.buf_k = k.new_zeros(_shape(k, self.rows_cap, self.cols_cap))
+                layer.buf_v = v.new_zeros(_shape(v, self.rows_cap, self.cols_cap))
+            layer.buf_k[0, :, :n] = k[0, :, :n]
+            layer.buf_v[0, :, :n] = v[0, :, :n]
+        self.valid[0, :n] = True
+        self.length = n
+        self.num_tokens = [n]
+
+    def first_row(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Views of row 0's first `n` columns per layer (valid when row 0 has no left
+        padding, i.e. the batch was started with one row)."""
+        return [(layer.buf_k[0:1, :, :n], layer.buf_v[0:1, :, :n]) for layer in self.layers]
+
     def broadcast_first_row(self, num_rows: int) -> None:
         """Copy row 0 (e.g. a shared prompt prefix) into rows 1..num_rows-1."""
         assert self.rows == 1 and num_rows <= self.rows_cap

@@ -37,6 +37,7 @@ import torch
 
 from areal_lite.engine.base import ContextLengthExceeded, EngineError, EngineUnavailable
 from areal_lite.engine.batch import RunningBatch, Seq
+from areal_lite.engine.prefix import PrefixCache
 from areal_lite.engine.sampling import validate_params
 from areal_lite.types import GenerateRequest, GenerateResult, TokenChunk
 
@@ -47,13 +48,17 @@ class LocalEngine:
     `model` is any HF decoder module (`AutoModelForCausalLM`); `tokenizer` is needed only
     for stop strings. `max_context_len` defaults to the model's
     `max_position_embeddings`. `max_prefill_tokens` caps the padded tokens (rows x longest
-    prompt) prefilled in one step; a longer single prompt is still prefilled alone. Use as ``async with LocalEngine(model) as engine:`` or call
+    prompt) prefilled in one step; a longer single prompt is still prefilled alone.
+    `prefix_cache_tokens` bounds the KV of recent prompts kept for reuse by later prompts
+    with the same beginning (engine/prefix.py; 0 = off); it is outside `max_kv_tokens`
+    and cleared on every weight update. Use as ``async with LocalEngine(model) as engine:`` or call
     `start()`/`close()`; `stream`/`generate` start the scheduler on first use.
     """
 
     def __init__(self, model, *, tokenizer=None, device: str = "cpu", max_batch_size: int = 64,
                  max_kv_tokens: int = 65536, max_context_len: int | None = None,
-                 initial_version: int = 0, seed: int = 0, max_prefill_tokens: int = 8192):
+                 initial_version: int = 0, seed: int = 0, max_prefill_tokens: int = 8192,
+                 prefix_cache_tokens: int = 8192):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model = model
@@ -69,9 +74,10 @@ class LocalEngine:
         self._version = initial_version
         self._rng = random.Random(seed)  # seeds requests that bring no seed of their own
         self._waiting: deque[Seq] = deque()
+        self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
         self._batch = RunningBatch(model, device=self.device, num_layers=self._num_layers,
                                    eos_ids=self.eos_ids, tokenizer=tokenizer,
-                                   max_batch_size=max_batch_size)
+                                   max_batch_size=max_batch_size, prefix_cache=self.prefix_cache)
         self._paused = False
         self._closed = False
         self._wake = asyncio.Event()  # set when there may be work (or a state change)
@@ -160,7 +166,9 @@ class LocalEngine:
                 self._abandon(seq)
         else:  # max_new_tokens == 0
             chunks = [_empty_final_chunk()]
-        return GenerateResult.from_chunks(chunks, prompt_tokens=len(req.input_ids))
+        result = GenerateResult.from_chunks(chunks, prompt_tokens=len(req.input_ids))
+        result.cached_tokens = seq.cached_tokens if seq is not None else 0
+        return result
 
     async def stream(self, req: GenerateRequest) -> AsyncIterator[TokenChunk]:
         """Yield the new tokens of `req` after every decode step; the last chunk carries
@@ -231,6 +239,8 @@ class LocalEngine:
                 await loop.run_in_executor(self._executor, _copy_into, targets, items)
             else:
                 _copy_into(targets, items)
+            if self.prefix_cache is not None:  # its KV was computed with the old weights
+                self.prefix_cache.clear()
             self._version = version
         finally:
             if not was_paused:
