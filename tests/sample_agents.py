@@ -82,3 +82,22 @@ class LengthRewardAgent:
             max_tokens=6)
         LengthRewardAgent.seen.append(data.get("id"))
         return (len(resp.choices[0].message.content or "") % 3) / 2
+
+
+class AnthropicAgent:
+    """Two turns through the Anthropic SDK; rewards keyed by message id."""
+
+    async def run(self, data, **kwargs):
+        from anthropic import AsyncAnthropic
+
+        client = AsyncAnthropic(base_url=kwargs["base_url"].removesuffix("/v1"),
+                                api_key=kwargs["api_key"], http_client=kwargs.get("http_client"),
+                                max_retries=0)
+        messages = [{"role": "user", "content": data["question"]}]
+        first = await client.messages.create(model="default", system="Be brief.", max_tokens=8,
+                                             messages=messages)
+        messages += [{"role": "assistant", "content": first.content},
+                     {"role": "user", "content": "and then?"}]
+        second = await client.messages.create(model="default", system="Be brief.", max_tokens=8,
+                                              messages=messages)
+        return {first.id: 0.25, second.id: 1.0}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import deque
 from dataclasses import dataclass
@@ -47,6 +48,19 @@ def make_cfg(model_dir, url, *extra):
     return loads_config("", [f"actor.path={model_dir}", "rollout.backend=sglang",
                              f'rollout.sglang.urls=["{url}"]', "rollout.episode_timeout_s=60",
                              *extra])
+
+
+@contextlib.asynccontextmanager
+async def stop_string_stack(model_dir, tok, reply: str):
+    """A proxy over a fake server that answers `reply`, its detokenizer able to see stop
+    strings; yields the rollout stack."""
+    script = Script(tok)
+    script.replies.append(reply)
+    async with FakeSGLangServer(vocab_size=len(tok), max_context_len=1024,
+                                eos_token_id=tok.eos_token_id, responder=script,
+                                decode=lambda ids: tok.decode(ids)) as fake:
+        async with open_rollout(make_cfg(model_dir, fake.url), "sample_agents.ChatAgent") as stack:
+            yield stack
 
 
 @pytest.fixture
@@ -288,24 +302,18 @@ async def test_unreachable_engine_gives_503(tiny_model_dir):
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_stop_strings_are_cut_from_the_text(tiny_model_dir, tiny_tokenizer, stream):
-    tok = tiny_tokenizer
-    script = Script(tok)
-    script.replies.append("alpha beta STOP gamma")
-    async with FakeSGLangServer(vocab_size=len(tok), max_context_len=1024,
-                                eos_token_id=tok.eos_token_id, responder=script,
-                                decode=lambda ids: tok.decode(ids)) as fake:
-        async with open_rollout(make_cfg(tiny_model_dir, fake.url), "sample_agents.ChatAgent") as stack:
-            session = stack.proxy.sessions.start()
-            client = AsyncOpenAI(base_url=stack.proxy.base_url, api_key=session.key,
-                                 max_retries=0, http_client=stack.controller.http_client)
-            kwargs = dict(model="default", messages=[{"role": "user", "content": "go"}],
-                          stop=["STOP"], max_tokens=64)
-            if stream:
-                chunks = await client.chat.completions.create(stream=True, **kwargs)
-                text = "".join([c.choices[0].delta.content or "" async for c in chunks
-                                if c.choices])
-            else:
-                text = (await client.chat.completions.create(**kwargs)).choices[0].message.content
+    async with stop_string_stack(tiny_model_dir, tiny_tokenizer, "alpha beta STOP gamma") as stack:
+        session = stack.proxy.sessions.start()
+        client = AsyncOpenAI(base_url=stack.proxy.base_url, api_key=session.key,
+                             max_retries=0, http_client=stack.controller.http_client)
+        kwargs = dict(model="default", messages=[{"role": "user", "content": "go"}],
+                      stop=["STOP"], max_tokens=64)
+        if stream:
+            chunks = await client.chat.completions.create(stream=True, **kwargs)
+            text = "".join([c.choices[0].delta.content or "" async for c in chunks
+                            if c.choices])
+        else:
+            text = (await client.chat.completions.create(**kwargs)).choices[0].message.content
     assert text == "alpha beta "
     (node,) = session.cache.nodes
-    assert "STOP" in tok.decode(node.output_ids)  # the sampled tokens are kept whole
+    assert "STOP" in tiny_tokenizer.decode(node.output_ids)  # the sampled tokens are kept whole

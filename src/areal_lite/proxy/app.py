@@ -1,16 +1,18 @@
-"""Proxy: the OpenAI-compatible front door of the rollout engine.
+"""Proxy: the OpenAI- and Anthropic-compatible front door of the rollout engine.
 
 Routes (same handlers over TCP and in process):
 
     GET  /v1/models                        any session key or the admin key
     POST /v1/chat/completions              session key -> that session's tree only
+    POST /v1/messages                      the same, Anthropic Messages API (messages.py)
     POST /admin/sessions                   admin key: start a session -> {session_id, api_key}
     POST /admin/sessions/{id}/reward       admin key: {"reward": x, "completion_id": optional}
     POST /admin/sessions/{id}/end          admin key: end it, export -> {"samples": [...]}
     GET  /admin/stats                      admin key: counters
 
-Errors are OpenAI-shaped JSON: 400 malformed body, 401 unknown key, 403 a session key
-on an admin route, 404 unknown route or session, 503 no engine reachable.
+Errors are OpenAI-shaped JSON (Anthropic-shaped on /v1/messages): 400 malformed body,
+401 unknown key, 403 a session key on an admin route, 404 unknown route or session,
+503 no engine reachable. Session keys arrive as `Authorization: Bearer` or `x-api-key`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from areal_lite.engine.base import Engine
 from areal_lite.proxy.chat import ChatCompletions, ChatDefaults
 from areal_lite.proxy.http import (ApiError, InProcessTransport, ProxyRequest, ProxyResponse,
                                    json_response, make_aiohttp_app)
+from areal_lite.proxy.messages import Messages, anthropic_error_response
 from areal_lite.proxy.render import ChatRenderer
 from areal_lite.proxy.sessions import Session, SessionTable
 from areal_lite.types import Sample
@@ -58,6 +61,7 @@ class ProxyServer:
         self.chat = ChatCompletions(engine=engine, renderer=renderer, sessions=self.sessions,
                                     defaults=defaults, model_name=model_name,
                                     tool_parser=tool_parser, reasoning=reasoning)
+        self.messages = Messages(self.chat)
         self.num_errors: dict[int, int] = {}  # HTTP status -> count of error replies
         self._runner: web.AppRunner | None = None
 
@@ -92,10 +96,10 @@ class ProxyServer:
         try:
             resp = await self._route(req)
         except ApiError as e:
-            resp = e.response()
+            resp = _error_response(req, e)
         except Exception:  # a bug in a handler must not kill the server; report 500
             log.exception("proxy handler failed on %s %s", req.method, req.path)
-            resp = ApiError(500, "internal proxy error", type="server_error").response()
+            resp = _error_response(req, ApiError(500, "internal proxy error", type="server_error"))
         if resp.status >= 400:
             self.num_errors[resp.status] = self.num_errors.get(resp.status, 0) + 1
         return resp
@@ -105,6 +109,9 @@ class ProxyServer:
         if path == "/v1/chat/completions" and req.method == "POST":
             session = self._session_for(req)
             return await self.chat.handle(session, _json_body(req))
+        if path == "/v1/messages" and req.method == "POST":
+            session = self._session_for(req)
+            return await self.messages.handle(session, _json_body(req))
         if path == "/v1/models" and req.method == "GET":
             if req.bearer() != self.sessions.admin_key:
                 self._session_for(req)
@@ -172,6 +179,13 @@ def set_reward_from_body(session: Session, body: object) -> None:
             session.cache.set_reward(str(key), float(reward))
     except (KeyError, ValueError) as e:
         raise ApiError(400, str(e).strip("'\""), param="completion_id") from None
+
+
+def _error_response(req: ProxyRequest, e: ApiError) -> ProxyResponse:
+    """The error in the shape the caller's SDK parses: Anthropic's on /v1/messages."""
+    if req.path.rstrip("/").startswith("/v1/messages"):
+        return anthropic_error_response(e)
+    return e.response()
 
 
 def _json_body(req: ProxyRequest) -> object:
