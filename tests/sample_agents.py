@@ -101,3 +101,24 @@ class AnthropicAgent:
         second = await client.messages.create(model="default", system="Be brief.", max_tokens=8,
                                               messages=messages)
         return {first.id: 0.25, second.id: 1.0}
+
+
+class AgentsSDKResponsesAgent:
+    """An OpenAI Agents SDK agent on its default Responses model, with one function tool;
+    rewards keyed by response id (one per model call)."""
+
+    async def run(self, data, **kwargs):
+        import agents
+
+        @agents.function_tool
+        def add(a: int, b: int) -> int:
+            """Add two integers."""
+            return a + b
+
+        model = agents.OpenAIResponsesModel(model="default", openai_client=_client(kwargs))
+        agent = agents.Agent(name="adder", instructions="Use the add tool.", model=model,
+                             tools=[add])
+        result = await agents.Runner.run(agent, data["question"],
+                                         run_config=agents.RunConfig(tracing_disabled=True))
+        ids = [r.response_id for r in result.raw_responses]
+        return {rid: 0.5 * (k + 1) for k, rid in enumerate(ids)}

@@ -6,11 +6,18 @@ import anthropic
 import httpx2
 import pytest
 from anthropic import AsyncAnthropic
+from test_proxy import (  # noqa: F401  (env: fixture)
+    Script,
+    assert_token_chain,
+    assert_tool_turn_continues,
+    env,
+    make_cfg,
+    stop_string_stack,
+)
 
 from areal_lite.config import loads_config
 from areal_lite.engine.fake_sglang import FakeSGLangServer
 from areal_lite.stack import open_rollout
-from test_proxy import Script, env, make_cfg, stop_string_stack  # noqa: F401  (env: fixture)
 
 TOOLS = [{"name": "add", "description": "add two ints", "input_schema": {
     "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}]
@@ -74,13 +81,7 @@ async def test_multi_turn_reuses_the_sampled_tokens(env):  # noqa: F811
         ids.append(msg.id)
         messages += [{"role": "assistant", "content": msg.content},  # blocks sent back as is
                      {"role": "user", "content": [{"type": "text", "text": f"thanks {turn}"}]}]
-    nodes = session.cache.nodes
-    assert [n.id for n in nodes] == ids
-    assert [n.parent_id for n in nodes] == [None, *ids[:-1]]
-    for parent, child in zip(nodes, nodes[1:]):
-        assert child.prompt_ids[: len(parent.prompt_ids) + len(parent.output_ids)] == (
-            parent.prompt_ids + parent.output_ids)
-    assert session.num_prefix_breaks == 0 and env.stack.proxy.sessions.num_prefix_breaks == 0
+    assert_token_chain(env.stack, session, ids)
 
 
 async def test_tool_use_round_trip(env):  # noqa: F811
@@ -100,10 +101,7 @@ async def test_tool_use_round_trip(env):  # noqa: F811
                                           messages=messages)
     assert [b.text for b in second.content] == ["The sum is 3."]
     assert second.stop_reason == "end_turn"
-    assert session.cache.get(second.id).parent_id == first.id  # tool_use re-rendered exactly
-    assert session.num_prefix_breaks == 0
-    prompt = env.stack.tokenizer.decode(env.script.prompts[1])
-    assert "<tool_response>\n3\n</tool_response>" in prompt and '"name": "add"' in prompt
+    assert_tool_turn_continues(env, session, first.id, second.id)
 
 
 async def test_streaming_events_and_text(env):  # noqa: F811

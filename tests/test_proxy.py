@@ -50,6 +50,27 @@ def make_cfg(model_dir, url, *extra):
                              *extra])
 
 
+def assert_token_chain(stack: RolloutStack, session, ids: list[str]) -> None:
+    """The session's completions are `ids`, each the child of the one before, each
+    prompt starting with its parent's exact prompt + sampled tokens (no prefix break)."""
+    nodes = session.cache.nodes
+    assert [n.id for n in nodes] == ids
+    assert [n.parent_id for n in nodes] == [None, *ids[:-1]]
+    for parent, child in zip(nodes, nodes[1:]):
+        assert child.prompt_ids[: len(parent.prompt_ids) + len(parent.output_ids)] == (
+            parent.prompt_ids + parent.output_ids)
+    assert session.num_prefix_breaks == 0 and stack.proxy.sessions.num_prefix_breaks == 0
+
+
+def assert_tool_turn_continues(env: Env, session, first_id: str, second_id: str) -> None:
+    """The turn after an `add` tool call (whose result was "3") continues the call's
+    completion: the call re-rendered exactly, and the tool result is in the prompt."""
+    assert session.cache.get(second_id).parent_id == first_id
+    assert session.num_prefix_breaks == 0
+    prompt = env.stack.tokenizer.decode(env.script.prompts[1])
+    assert "<tool_response>\n3\n</tool_response>" in prompt and '"name": "add"' in prompt
+
+
 @contextlib.asynccontextmanager
 async def stop_string_stack(model_dir, tok, reply: str):
     """A proxy over a fake server that answers `reply`, its detokenizer able to see stop

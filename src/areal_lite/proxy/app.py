@@ -5,6 +5,7 @@ Routes (same handlers over TCP and in process):
     GET  /v1/models                        any session key or the admin key
     POST /v1/chat/completions              session key -> that session's tree only
     POST /v1/messages                      the same, Anthropic Messages API (messages.py)
+    POST /v1/responses                     the same, OpenAI Responses API (responses.py)
     POST /admin/sessions                   admin key: start a session -> {session_id, api_key}
     POST /admin/sessions/{id}/reward       admin key: {"reward": x, "completion_id": optional}
     POST /admin/sessions/{id}/end          admin key: end it, export -> {"samples": [...]}
@@ -32,6 +33,7 @@ from areal_lite.proxy.http import (ApiError, InProcessTransport, ProxyRequest, P
                                    json_response, make_aiohttp_app)
 from areal_lite.proxy.messages import Messages, anthropic_error_response
 from areal_lite.proxy.render import ChatRenderer
+from areal_lite.proxy.responses import Responses
 from areal_lite.proxy.sessions import Session, SessionTable
 from areal_lite.types import Sample
 
@@ -62,6 +64,7 @@ class ProxyServer:
                                     defaults=defaults, model_name=model_name,
                                     tool_parser=tool_parser, reasoning=reasoning)
         self.messages = Messages(self.chat)
+        self.responses = Responses(self.chat)
         self.num_errors: dict[int, int] = {}  # HTTP status -> count of error replies
         self._runner: web.AppRunner | None = None
 
@@ -112,6 +115,9 @@ class ProxyServer:
         if path == "/v1/messages" and req.method == "POST":
             session = self._session_for(req)
             return await self.messages.handle(session, _json_body(req))
+        if path == "/v1/responses" and req.method == "POST":
+            session = self._session_for(req)
+            return await self.responses.handle(session, _json_body(req))
         if path == "/v1/models" and req.method == "GET":
             if req.bearer() != self.sessions.admin_key:
                 self._session_for(req)
