@@ -25,3 +25,9 @@ def hard_exit() -> float:
 
 def not_a_number() -> str:
     return "forty-two"
+
+
+def missing_dependency() -> float:
+    import areal_lite_no_such_verifier  # noqa: F401  (an uninstalled package)
+
+    return 1.0

@@ -117,6 +117,15 @@ async def test_raising_verifier_scores_zero_and_counts_a_failure(caplog):
     assert "verifier exploded" in caplog.text
 
 
+async def test_missing_dependency_raises_instead_of_scoring_zero():
+    """A verifier that cannot import its package would score every answer 0 and train on
+    nothing; the ImportError reaches the agent (its episode fails, loudly) instead."""
+    async with _pool() as pool:
+        with pytest.raises(ImportError, match="areal_lite_no_such_verifier"):
+            await pool.score(fx.missing_dependency)
+        assert await pool.score(fx.add, 1, 2) == 3
+
+
 async def test_dying_worker_scores_zero_and_pool_recovers():
     async with _pool() as pool:
         dead, *others = await asyncio.gather(

@@ -197,7 +197,7 @@ def plot_metrics(rows: Sequence[Mapping[str, Any]], out_dir: str | Path) -> list
     curves.png when none has data. Raises ImportError if matplotlib isn't installed.
     """
     if _import_optional("matplotlib") is None:
-        raise ImportError("matplotlib is needed for plots: pip install 'areal-lite[plots]'")
+        raise ImportError("matplotlib is needed for plots: pip install matplotlib")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -375,7 +375,7 @@ class MetricsLogger:
         if not self.cfg.plots:
             return []
         if _import_optional("matplotlib") is None:
-            self._warn_missing("matplotlib", "metrics.plots", "pip install 'areal-lite[plots]'")
+            self._warn_missing("matplotlib", "metrics.plots", "pip install matplotlib")
             return []
         return plot_metrics(read_metrics(self.jsonl_path), path_dir if path_dir is not None else self.run_dir)
 

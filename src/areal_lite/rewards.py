@@ -86,7 +86,7 @@ def math_reward(completion_text: str, reference_answer: str) -> float:
     try:
         from math_verify import parse, verify
     except ImportError:
-        raise ImportError("math_reward needs math-verify: `pip install 'areal-lite[math]'`") from None
+        raise ImportError("math_reward needs math-verify: `pip install math-verify`") from None
     ref = gsm8k_final_answer(reference_answer) if "####" in reference_answer else reference_answer.strip()
     if not ref:
         raise ValueError(
@@ -239,7 +239,8 @@ class RewardPool:
             await self._new_pool()
 
     async def score(self, fn: Callable[..., Any], *args: Any) -> float:
-        """`fn(*args)` in a worker process as a float; 0.0 on timeout, error or crash."""
+        """`fn(*args)` in a worker process as a float; 0.0 on timeout, error or crash.
+        An ImportError in the worker (a missing dependency) is raised, not scored."""
         self._check_open()
         try:
             pickle.dumps(fn)
@@ -304,6 +305,8 @@ class RewardPool:
 
     def _to_reward(self, fn: Callable[..., Any], future: asyncio.Future) -> float:
         exc = future.exception()
+        if isinstance(exc, ImportError):  # a broken install, not a bad answer: never a silent 0
+            raise exc
         if exc is None:
             try:
                 value = float(future.result())
