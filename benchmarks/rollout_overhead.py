@@ -537,7 +537,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def run_benchmark(args: argparse.Namespace) -> list[dict]:
-    from areal_lite.config import loads_config
+    from areal_lite.config_toml import loads_config
     from areal_lite.models import load_tokenizer
     from areal_lite.stack import open_rollout
     from areal_lite.tiny import make_tiny_model_dir

@@ -74,12 +74,8 @@ def synthetic_groups(vocab_size: int, *, num_groups: int, group_size: int,
 
 def bench_learner(model_dir: Path, args) -> None:
     from areal_lite.algorithms import AlgorithmConfig
-    from areal_lite.learner import (
-        Learner,
-        LearnerConfig,
-        make_microbatches,
-        padding_fraction,
-    )
+    from areal_lite.learner import Learner, LearnerConfig
+    from areal_lite.logprobs import make_microbatches, padding_fraction
     from areal_lite.models import load_causal_lm
 
     model = load_causal_lm(str(model_dir), device="cpu", dtype="float32")
@@ -148,7 +144,7 @@ def bench_swap(model_dir: Path, repeats: int = 3) -> None:
 
 def reference_config(model_path: str, run_dir: Path, eta: int, steps: int):
     """The fixed reference configuration of issue 4, with staleness bound `eta`."""
-    from areal_lite.config import loads_config
+    from areal_lite.config_toml import loads_config
 
     return loads_config("", [
         f"actor.path={model_path}", "actor.device=cpu", "actor.dtype=float32",

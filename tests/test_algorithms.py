@@ -14,8 +14,6 @@ from hypothesis import strategies as st
 from areal_lite import algorithms as alg
 from areal_lite.algorithms import (
     ADVANTAGES,
-    KL_ESTIMATORS,
-    LOSSES,
     AlgorithmConfig,
     advantage_inputs,
     filter_groups,
@@ -23,6 +21,7 @@ from areal_lite.algorithms import (
     overlong_penalty,
     token_advantages,
 )
+from areal_lite.losses import KL_ESTIMATORS, LOSSES
 from areal_lite.types import Sample
 
 torch.set_num_threads(1)

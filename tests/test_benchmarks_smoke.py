@@ -46,7 +46,7 @@ def test_engine_throughput_quick_run():
     assert {(r["concurrency"], r["waves"]) for r in rows} == {(1, 1), (3, 1), (1, 2), (3, 2)}
     for r in rows:
         assert r["engine_tok_s"] > 0 and r["hf_generate_tok_s"] > 0, r
-        assert r["ratio"] == round(r["engine_tok_s"] / r["hf_generate_tok_s"], 2), r
+        assert abs(r["ratio"] - r["engine_tok_s"] / r["hf_generate_tok_s"]) < 0.02, r  # rounding
         assert r["greedy_identical"] == (r["num_differ"] == 0), r
 
 

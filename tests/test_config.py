@@ -19,12 +19,9 @@ from areal_lite.config import (
     ConfigError,
     ExperimentConfig,
     RolloutConfig,
-    config_to_toml,
-    load_config,
-    loads_config,
     run_path,
-    validate_config,
 )
+from areal_lite.config_toml import config_to_toml, load_config, loads_config, validate_config
 
 SCHEMA = msgspec.inspect.type_info(ExperimentConfig)
 

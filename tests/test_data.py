@@ -11,12 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from areal_lite.data import (
-    PromptStream,
-    generate_arithmetic,
-    gsm8k_final_answer,
-    load_dataset_rows,
-)
+from areal_lite.arithmetic import generate_arithmetic
+from areal_lite.data import PromptStream, gsm8k_final_answer, load_dataset_rows
 
 _STEP = re.compile(r"^(\d+) ([-+*]) (\d+) = (-?\d+)$")
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
@@ -244,7 +240,8 @@ def test_stream_state_errors():
 
 
 def test_level_zero_is_small_addition():
-    from areal_lite.data import generate_arithmetic, gsm8k_final_answer
+    from areal_lite.arithmetic import generate_arithmetic
+    from areal_lite.data import gsm8k_final_answer
 
     rows = generate_arithmetic(30, seed=3, levels=(0,))
     for r in rows:

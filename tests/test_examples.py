@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from areal_lite.config import load_config
-from areal_lite.data import _is_eval_key
+from areal_lite.config_toml import load_config
+from areal_lite.arithmetic import _is_eval_key
 from areal_lite.hostmem import limit_malloc_growth
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def test_limit_malloc_growth_applies_on_glibc_and_respects_the_env(monkeypatch):
 async def test_math_agent_episode_through_the_proxy(tiny_model_dir, tmp_path):
     """One episode of the example agent against the tiny model: it runs, gets a reply and
     a reward in {0, 1}, and exports one sample whose prompt holds the worked example."""
-    from areal_lite.config import loads_config
+    from areal_lite.config_toml import loads_config
     from areal_lite.stack import open_rollout
 
     cfg = loads_config(f"""

@@ -14,14 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from areal_lite.algorithms import AlgorithmConfig
-from areal_lite.learner import (
-    Learner,
-    LearnerConfig,
-    lr_multiplier,
-    make_microbatches,
-    padding_fraction,
-    sequence_logprobs,
-)
+from areal_lite.learner import Learner, LearnerConfig, lr_multiplier
+from areal_lite.logprobs import make_microbatches, padding_fraction, sequence_logprobs
 from areal_lite.types import GenerateRequest, Sample, SamplingParams
 
 torch.set_num_threads(1)

@@ -15,7 +15,7 @@ from test_proxy import (  # noqa: F401  (env: fixture)
     stop_string_stack,
 )
 
-from areal_lite.config import loads_config
+from areal_lite.config_toml import loads_config
 from areal_lite.engine.fake_sglang import FakeSGLangServer
 from areal_lite.stack import open_rollout
 

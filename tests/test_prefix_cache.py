@@ -10,7 +10,7 @@ import torch
 
 from areal_lite.engine.local import LocalEngine
 from areal_lite.engine.prefix import PrefixCache
-from areal_lite.learner import sequence_logprobs
+from areal_lite.logprobs import sequence_logprobs
 from areal_lite.models import load_causal_lm, load_tokenizer
 from areal_lite.types import GenerateRequest, SamplingParams
 

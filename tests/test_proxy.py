@@ -12,7 +12,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
-from areal_lite.config import loads_config
+from areal_lite.config_toml import loads_config
 from areal_lite.engine.fake_sglang import FakeSGLangServer
 from areal_lite.export import export_concat, export_individual
 from areal_lite.stack import RolloutStack, open_rollout

@@ -7,7 +7,7 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM
 
-from areal_lite.config import loads_config
+from areal_lite.config_toml import loads_config
 from areal_lite.producer import GroupProducer
 from areal_lite.trainer import Trainer
 

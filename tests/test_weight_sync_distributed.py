@@ -10,7 +10,8 @@ import aiohttp
 import pytest
 import torch
 
-from areal_lite.config import SGLangConfig, loads_config
+from areal_lite.config import SGLangConfig
+from areal_lite.config_toml import loads_config
 from areal_lite.engine.base import EngineError
 from areal_lite.engine.fake_sglang import FakeSGLangServer
 from areal_lite.engine.sglang import SGLangEngine

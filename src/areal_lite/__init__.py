@@ -3,7 +3,8 @@
 from areal_lite.agent import BadReward, resolve_workflow
 from areal_lite.algorithms import AlgorithmConfig
 from areal_lite.cache import InteractionCache
-from areal_lite.config import ConfigError, ExperimentConfig, load_config, loads_config
+from areal_lite.config import ConfigError, ExperimentConfig
+from areal_lite.config_toml import load_config, loads_config
 from areal_lite.engine.base import ContextLengthExceeded, Engine, EngineError, EngineUnavailable
 from areal_lite.engine.fake_sglang import FakeSGLangServer
 from areal_lite.engine.local import LocalEngine

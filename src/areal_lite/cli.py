@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpx2", "aiohttp.access", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from areal_lite.config import ConfigError, load_config
+    from areal_lite.config import ConfigError
+    from areal_lite.config_toml import load_config
 
     # Workflows are named by dotted paths relative to where the user runs from.
     sys.path[:0] = [str(Path.cwd()), str(Path(args.config).resolve().parent)]

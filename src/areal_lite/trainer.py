@@ -17,8 +17,8 @@ from typing import Any
 
 from areal_lite.algorithms import overlong_penalty
 from areal_lite.checkpoint import load_latest_checkpoint, restore_rng, save_checkpoint
-from areal_lite.config import (ExperimentConfig, config_to_toml, load_config, run_path,
-                               validate_config)
+from areal_lite.config import ExperimentConfig, run_path
+from areal_lite.config_toml import config_to_toml, load_config, validate_config
 from areal_lite.data import PromptStream, load_dataset_rows
 from areal_lite.hostmem import limit_malloc_growth
 from areal_lite.learner import Learner
