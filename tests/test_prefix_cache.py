@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from areal_lite.engine.local import LocalEngine
-from areal_lite.engine.prefix import PrefixCache
+from areal_lite.engine.prefix import PrefixCache, _common_prefix
 from areal_lite.logprobs import sequence_logprobs
 from areal_lite.models import load_causal_lm, load_tokenizer
 from areal_lite.types import GenerateRequest, SamplingParams
@@ -147,3 +150,13 @@ async def test_weight_update_clears_the_cache(model, chats, tmp_path):
     async with LocalEngine(other, prefix_cache_tokens=0) as fresh:
         want = await fresh.generate(req(chats[0], "fresh"))
     assert after.output_ids == want.output_ids and after.versions == [1] * 10
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 3), max_size=30), st.lists(st.integers(0, 3), max_size=30),
+       st.integers(0, 40))
+def test_common_prefix_matches_a_token_by_token_scan(a, b, limit):
+    want = 0
+    while want < min(len(a), len(b), limit) and a[want] == b[want]:
+        want += 1
+    assert _common_prefix(np.array(a, dtype=np.int64), np.array(b, dtype=np.int64), limit) == want

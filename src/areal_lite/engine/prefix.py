@@ -18,8 +18,9 @@ step runs).
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 LayerKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (K, V), each [1, h, n, d]
@@ -29,12 +30,16 @@ LayerKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (K, V), each [1, 
 class PrefixEntry:
     ids: tuple[int, ...]
     kv: LayerKV
+    array: np.ndarray = field(init=False)  # ids as int64, for vectorized matching
+
+    def __post_init__(self) -> None:
+        self.array = np.asarray(self.ids, dtype=np.int64)
 
 
 class PrefixCache:
     """Least-recently-used prompt KV within `max_tokens` cached tokens (see module doc)."""
 
-    def __init__(self, max_tokens: int, *, min_match: int = 4, max_entries: int = 256):
+    def __init__(self, max_tokens: int, *, min_match: int = 4, max_entries: int = 64):
         self.max_tokens = max_tokens
         self.min_match = min_match
         self.max_entries = max_entries
@@ -50,8 +55,9 @@ class PrefixCache:
         """(n, entry): the longest cached prefix of `ids[:limit]`, n >= min_match, or
         (0, None)."""
         best, found = 0, None
+        query = np.asarray(ids[:limit], dtype=np.int64)
         for entry in self._entries.values():
-            n = _common_prefix(entry.ids, ids, limit)
+            n = _common_prefix(entry.array, query, limit)
             if n > best:
                 best, found = n, entry
         if found is None or best < self.min_match:
@@ -89,9 +95,10 @@ class PrefixCache:
         self.num_tokens -= len(key)
 
 
-def _common_prefix(a: tuple[int, ...], b: list[int], limit: int) -> int:
+def _common_prefix(a: np.ndarray, b: np.ndarray, limit: int) -> int:
+    """Length of the longest common prefix of `a` and `b[:limit]` (one vectorized compare;
+    a token-by-token Python loop costs ~50 ns per token)."""
     n = min(len(a), len(b), limit)
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+    differ = a[:n] != b[:n]
+    first = int(differ.argmax()) if n else 0
+    return first if n and differ[first] else n
