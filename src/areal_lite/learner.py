@@ -47,6 +47,7 @@ from areal_lite.algorithms import (
 from areal_lite.logprobs import (forward_logits, make_microbatches, sequence_logprobs,
                                  token_entropy, token_logprobs)
 from areal_lite.losses import LOSSES
+from areal_lite.models import torch_dtype
 from areal_lite.types import Sample
 
 __all__ = [
@@ -95,13 +96,6 @@ _DECAYS: dict[str, Callable[[float], float]] = {
     "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
     "linear": lambda progress: 1.0 - progress,
 }
-
-
-def compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype for `train.compute_dtype` on `device`."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 def lr_multiplier(step: int, cfg: LearnerConfig) -> float:
@@ -229,7 +223,7 @@ class Learner:
         self.ref_model = None if ref_model is None else \
             ref_model.to(self.device).eval().requires_grad_(False)
         if dtype is None:
-            dtype = compute_dtype(cfg.compute_dtype, self.device)
+            dtype = torch_dtype(cfg.compute_dtype, self.device)
         self.dtype = dtype
         self.pad_token_id = pad_token_id
         self.max_new_tokens = max_new_tokens

@@ -5,7 +5,8 @@ running request; prefill the admitted requests as one left-padded batch (the pro
 prefix they all share -- a GRPO group, a common system prompt -- is computed once and
 copied to every row, and whatever part of it an earlier prompt already computed comes
 from the prefix cache, engine/prefix.py), sample their first token and merge their KV
-into the batch; remove finished rows. It returns the chunks to stream; the event loop delivers them.
+into the batch; remove finished rows. It returns the chunks to stream; the event loop
+delivers them.
 """
 
 from __future__ import annotations
@@ -102,23 +103,16 @@ class RunningBatch:
         prompts = [s.req.input_ids for s in seqs]
         if len(prompts) == 1:
             return self._prefill_one(seqs[0])
-        cache = self.prefix_cache
         # the prefix all prompts share is computed once (each row keeps >= 1 own token)
         shared = min(common_prefix_len(prompts), min(len(p) for p in prompts) - 1)
         rows = [p[shared:] for p in prompts]
         kv = PaddedKV(self.num_layers, rows_cap=len(seqs),
                       cols_cap=shared + max(len(r) for r in rows), device=self.device)
         if shared >= MIN_SHARED_PREFIX:
-            kv.start_rows(1)
-            hit, entry = cache.lookup(prompts[0], shared) if cache is not None else (0, None)
-            if entry is not None:
-                kv.load_first_row(entry.kv, hit)
-                for s in seqs:
-                    s.cached_tokens = hit
+            hit = self._start_from_cache(kv, seqs, shared)
             if shared > hit:
                 self._forward(kv, [prompts[0][hit:shared]])
-                if cache is not None:
-                    cache.store(prompts[0][:shared], kv.first_row(shared))
+                self._remember(kv, prompts[0][:shared])
             kv.broadcast_first_row(len(seqs))
         else:
             kv.start_rows(len(seqs))
@@ -129,17 +123,30 @@ class RunningBatch:
 
     def _prefill_one(self, seq: Seq) -> tuple[PaddedKV, torch.Tensor]:
         """One prompt: reuse the longest cached prefix, prefill the rest, cache it all."""
-        cache, prompt = self.prefix_cache, seq.req.input_ids
+        prompt = seq.req.input_ids
         kv = PaddedKV(self.num_layers, rows_cap=1, cols_cap=len(prompt), device=self.device)
+        hit = self._start_from_cache(kv, [seq], len(prompt) - 1)
+        logits = self._forward(kv, [prompt[hit:]])
+        self._remember(kv, prompt)
+        return kv, logits
+
+    def _start_from_cache(self, kv: PaddedKV, seqs: list[Seq], limit: int) -> int:
+        """Start `kv` with one row holding the longest cached prefix of the first prompt's
+        first `limit` tokens (all of `seqs` share it); return its length (0: no hit)."""
         kv.start_rows(1)
-        hit, entry = cache.lookup(prompt, len(prompt) - 1) if cache is not None else (0, None)
+        if self.prefix_cache is None:
+            return 0
+        hit, entry = self.prefix_cache.lookup(seqs[0].req.input_ids, limit)
         if entry is not None:
             kv.load_first_row(entry.kv, hit)
-            seq.cached_tokens = hit
-        logits = self._forward(kv, [prompt[hit:]])
-        if cache is not None:
-            cache.store(prompt, kv.first_row(len(prompt)))
-        return kv, logits
+            for s in seqs:
+                s.cached_tokens = hit
+        return hit
+
+    def _remember(self, kv: PaddedKV, ids: list[int]) -> None:
+        """Cache row 0's KV of `ids` (row 0 was started alone: no left padding)."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(ids, kv.first_row(len(ids)))
 
     def _forward(self, kv: PaddedKV, rows: list[list[int]]) -> torch.Tensor:
         """Run new tokens (one list per row, left-padded) into `kv`; last-token logits."""

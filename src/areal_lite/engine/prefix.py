@@ -72,17 +72,19 @@ class PrefixCache:
         key = tuple(ids)
         if not self.max_tokens or len(key) < self.min_match or len(key) > self.max_tokens:
             return
-        for other in self._entries:  # already covered by a longer (or equal) entry
-            if len(other) >= len(key) and other[:len(key)] == key:
+        n = len(key)
+        redundant = []  # entries that are prefixes of the new prompt
+        for other in self._entries:
+            if len(other) >= n and other[:n] == key:  # covered by a longer (or equal) entry
                 self._entries.move_to_end(other)
                 return
-        for other in list(self._entries):  # a prefix of the new prompt is now redundant
-            if len(other) <= len(key) and key[:len(other)] == other:
-                self._drop(other)
-        n = len(key)
+            if key[:len(other)] == other:
+                redundant.append(other)
+        for other in redundant:
+            self._drop(other)
         self._entries[key] = PrefixEntry(key, [(k[:, :, :n].clone(), v[:, :, :n].clone())
                                                for k, v in kv])
-        self.num_tokens += len(key)
+        self.num_tokens += n
         while self.num_tokens > self.max_tokens or len(self._entries) > self.max_entries:
             self._drop(next(iter(self._entries)))
 
