@@ -8,6 +8,7 @@ import pytest
 from anthropic import AsyncAnthropic
 from test_proxy import (  # noqa: F401  (env: fixture)
     Script,
+    assert_one_reply_recorded,
     assert_token_chain,
     assert_tool_turn_continues,
     env,
@@ -40,16 +41,8 @@ async def test_single_turn_records_exact_tokens(env, tiny_tokenizer):  # noqa: F
     assert msg.id.startswith("msg_") and msg.type == "message" and msg.role == "assistant"
     assert [(b.type, b.text) for b in msg.content] == [("text", "The answer is 42.")]
     assert msg.stop_reason == "end_turn" and msg.stop_sequence is None
-    (node,) = session.cache.nodes
-    assert node.id == node.response_id == msg.id and node.parent_id is None
-    assert node.prompt_ids == env.script.prompts[0]
-    assert node.output_ids[-1] == tiny_tokenizer.eos_token_id
-    assert tiny_tokenizer.decode(node.output_ids[:-1]) == "The answer is 42."
-    assert len(node.logprobs) == len(node.output_ids) == len(node.versions)
-    assert msg.usage.input_tokens == len(node.prompt_ids)
-    assert msg.usage.output_tokens == len(node.output_ids)
-    session.cache.set_reward(msg.id, 1.0)  # the message id keys rewards
-    assert session.cache.raw_reward(node.id) == 1.0
+    assert_one_reply_recorded(env, session, tiny_tokenizer, msg.id, "The answer is 42.",
+                              msg.usage.input_tokens, msg.usage.output_tokens)
 
 
 async def test_prompt_matches_the_chat_endpoint(env):  # noqa: F811

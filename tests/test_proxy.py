@@ -50,6 +50,23 @@ def make_cfg(model_dir, url, *extra):
                              *extra])
 
 
+def assert_one_reply_recorded(env: Env, session, tok, reply_id: str, text: str,
+                              input_tokens: int, output_tokens: int):
+    """The session recorded exactly one completion, keyed `reply_id`, whose sampled tokens
+    are `text` + eos with one logprob and version each; the reply's usage counts match;
+    its id keys rewards. Returns the node."""
+    (node,) = session.cache.nodes
+    assert node.id == node.response_id == reply_id and node.parent_id is None
+    assert node.prompt_ids == env.script.prompts[0]
+    assert node.output_ids[-1] == tok.eos_token_id
+    assert tok.decode(node.output_ids[:-1]) == text
+    assert len(node.logprobs) == len(node.output_ids) == len(node.versions)
+    assert input_tokens == len(node.prompt_ids) and output_tokens == len(node.output_ids)
+    session.cache.set_reward(reply_id, 1.0)
+    assert session.cache.raw_reward(node.id) == 1.0
+    return node
+
+
 def assert_token_chain(stack: RolloutStack, session, ids: list[str]) -> None:
     """The session's completions are `ids`, each the child of the one before, each
     prompt starting with its parent's exact prompt + sampled tokens (no prefix break)."""

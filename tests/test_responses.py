@@ -9,6 +9,7 @@ import openai
 import pytest
 from test_proxy import (  # noqa: F401  (env: fixture)
     Script,
+    assert_one_reply_recorded,
     assert_token_chain,
     assert_tool_turn_continues,
     env,
@@ -34,17 +35,9 @@ async def test_single_turn_records_exact_tokens(env, tiny_tokenizer):  # noqa: F
     (item,) = resp.output
     assert item.type == "message" and item.role == "assistant" and item.status == "completed"
     assert item.id.startswith("msg_") and item.content[0].annotations == []
-    (node,) = session.cache.nodes
-    assert node.id == node.response_id == resp.id and node.parent_id is None
-    assert node.prompt_ids == env.script.prompts[0]
-    assert node.output_ids[-1] == tiny_tokenizer.eos_token_id
-    assert tiny_tokenizer.decode(node.output_ids[:-1]) == "The answer is 42."
-    assert len(node.logprobs) == len(node.output_ids) == len(node.versions)
-    assert resp.usage.input_tokens == len(node.prompt_ids)
-    assert resp.usage.output_tokens == len(node.output_ids)
+    node = assert_one_reply_recorded(env, session, tiny_tokenizer, resp.id, "The answer is 42.",
+                                     resp.usage.input_tokens, resp.usage.output_tokens)
     assert resp.usage.total_tokens == len(node.prompt_ids) + len(node.output_ids)
-    session.cache.set_reward(resp.id, 1.0)  # the response id keys rewards
-    assert session.cache.raw_reward(node.id) == 1.0
 
 
 async def test_prompt_matches_the_chat_endpoint(env):  # noqa: F811
