@@ -125,7 +125,10 @@ async def bench(args) -> None:
         eos = engine.eos_ids
         warm = make_prompts(tokenizer, 2)
         await run_engine(engine, warm, 4, 2)
-        run_hf(model, tokenizer, warm, 4, eos, device)
+        # generate runs on the engine's step thread: both sides share one OpenMP pool, as
+        # each would have alone (a second torch thread slows the other's steps; see
+        # LocalEngine.run_on_step_thread)
+        await engine.run_on_step_thread(run_hf, model, tokenizer, warm, 4, eos, device)
         for waves in [int(w) for w in args.waves.split(",")]:
             for n in concurrencies:
                 prompts = make_prompts(tokenizer, n * waves)
@@ -133,8 +136,9 @@ async def bench(args) -> None:
                 for _ in range(args.repeats):  # interleaved, best of: robust to a busy machine
                     eng_out, secs = await run_engine(engine, prompts, args.max_new_tokens, n)
                     eng_s = min(eng_s, secs)
-                    hf_out, secs = run_hf_batches(model, tokenizer, prompts, args.max_new_tokens,
-                                                  eos, device, n)
+                    hf_out, secs = await engine.run_on_step_thread(
+                        run_hf_batches, model, tokenizer, prompts, args.max_new_tokens, eos,
+                        device, n)
                     hf_s = min(hf_s, secs)
                 eng_tok = sum(len(o) for o in eng_out) / eng_s
                 hf_tok = sum(len(o) for o in hf_out) / hf_s

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import time
 
 import pytest
 import torch
@@ -365,13 +366,13 @@ async def test_prefill_budget_splits_admission(model, tok, prompts, monkeypatch)
     from areal_lite.engine.batch import RunningBatch
 
     groups = []
-    original = RunningBatch._prefill
+    original = RunningBatch._start_prefill
 
     def spy(self, seqs):
         groups.append((len(seqs), max(len(s.req.input_ids) for s in seqs)))
         return original(self, seqs)
 
-    monkeypatch.setattr(RunningBatch, "_prefill", spy)
+    monkeypatch.setattr(RunningBatch, "_start_prefill", spy)
     width = max(len(p) for p in prompts)
     async with LocalEngine(model, tokenizer=tok, max_prefill_tokens=2 * width) as eng:
         results = await asyncio.gather(*[eng.generate(req(p, rid=str(i), max_new_tokens=6))
@@ -386,16 +387,16 @@ async def test_failed_step_fails_its_requests_and_engine_recovers(engine, prompt
                                                                   monkeypatch):
     from areal_lite.engine.batch import RunningBatch
 
-    original = RunningBatch._forward
+    original = RunningBatch._forward_parts
     calls = []
 
-    def flaky(self, kv, rows):
-        calls.append(len(rows))
+    def flaky(self, batches):
+        calls.append(len(batches))
         if len(calls) == 1:
             raise RuntimeError("simulated out of memory")
-        return original(self, kv, rows)
+        return original(self, batches)
 
-    monkeypatch.setattr(RunningBatch, "_forward", flaky)
+    monkeypatch.setattr(RunningBatch, "_forward_parts", flaky)
     with pytest.raises(EngineError, match="simulated out of memory"):
         await engine.generate(req(prompts[0], max_new_tokens=4))
     r = await engine.generate(req(prompts[0], max_new_tokens=4, ignore_eos=True))
@@ -486,3 +487,44 @@ def test_padded_kv_rows_keep_their_tokens(ops):
             assert used[r][row_valid].tolist() == e
             assert not used[r].isnan().any()  # padding never holds NaN
             assert bool(row_valid[-1])  # every row ends at the common right edge
+
+
+async def test_run_on_step_thread_pauses_the_engine_around_the_call(model, tok, prompts):
+    """The function runs on the engine's own step thread while no step runs; requests in
+    flight wait and then finish with the same tokens; errors reach the caller."""
+    import threading
+
+    async with LocalEngine(model, tokenizer=tok) as eng:
+        ref = await eng.generate(req(prompts[0], max_new_tokens=12, ignore_eos=True))
+        step_threads = set()
+        original = eng._batch.step
+
+        def step(admit, version):
+            step_threads.add(threading.current_thread().name)
+            return original(admit, version)
+
+        eng._batch.step = step
+        running = asyncio.ensure_future(eng.generate(req(prompts[0], max_new_tokens=12,
+                                                         ignore_eos=True)))
+        while eng.num_running == 0:
+            await asyncio.sleep(0.001)
+        seen = {}
+
+        def work(x):
+            seen["thread"] = threading.current_thread().name
+            seen["tokens"] = len(eng._batch.seqs[0].output_ids)
+            time.sleep(0.05)
+            seen["tokens_after"] = len(eng._batch.seqs[0].output_ids)
+            return x * 2
+
+        assert await eng.run_on_step_thread(work, 21) == 42
+        assert seen["thread"] in step_threads and seen["tokens"] == seen["tokens_after"]
+        assert (await running).output_ids == ref.output_ids and len(ref.output_ids) == 12
+
+        def boom():
+            raise ValueError("bad work")
+
+        with pytest.raises(ValueError, match="bad work"):
+            await eng.run_on_step_thread(boom)
+        r = await eng.generate(req(prompts[1], max_new_tokens=5))
+        assert r.output_ids == hf_greedy(model, prompts[1], 5)

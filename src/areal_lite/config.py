@@ -121,6 +121,7 @@ class LocalEngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
     max_kv_tokens: PosInt = 65536  # KV-cache capacity, tokens summed over sequences
     max_context_len: NonNegInt = 0  # prompt + output tokens; 0 = the model's own limit
     prefix_cache_tokens: NonNegInt = 8192  # KV tokens of recent prompts kept for reuse; 0 = off
+    fused_forward: bool = True  # Llama-family: decode + prefill in one own pass; false = HF forward
 
 
 class SGLangConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

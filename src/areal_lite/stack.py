@@ -81,7 +81,8 @@ async def _open_engine(cfg: ExperimentConfig, model_dir: str, tokenizer,
     engine = LocalEngine(model, tokenizer=tokenizer, device=device,
                          max_batch_size=r.local.max_batch_size, max_kv_tokens=r.local.max_kv_tokens,
                          max_context_len=r.local.max_context_len or None, seed=cfg.seed,
-                         prefix_cache_tokens=r.local.prefix_cache_tokens)
+                         prefix_cache_tokens=r.local.prefix_cache_tokens,
+                         fused_forward=r.local.fused_forward)
     await engine.start()
     stack.push_async_callback(engine.close)
     return engine

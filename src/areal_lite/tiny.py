@@ -87,28 +87,26 @@ def make_tiny_model_dir(path: str | Path, *, arch: str = "llama", hidden_size: i
                         num_layers: int = 2, seed: int = 0) -> Path:
     """Write a random tiny causal LM + tokenizer as a Hugging Face checkpoint directory.
 
-    `arch` is "llama" or "qwen2". Returns the directory.
+    `arch` is "llama", "qwen2", "qwen3" (Llama-family: the engine's fused forward) or
+    "gpt2" (another family: the model's own forward). Returns the directory.
     """
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tok = make_tiny_tokenizer()
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
-    config = cls(
-        vocab_size=len(tok),
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=None,
-    )
+    special = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+                   tie_word_embeddings=True)
+    if arch == "gpt2":
+        config = GPT2Config(vocab_size=len(tok), n_embd=hidden_size, n_layer=num_layers, n_head=4,
+                            n_positions=1024, **special)
+    else:
+        cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch]
+        config = cls(vocab_size=len(tok), hidden_size=hidden_size,
+                     intermediate_size=hidden_size * 2, num_hidden_layers=num_layers,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=hidden_size // 4,
+                     max_position_embeddings=1024, **special)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # larger logits than the default init, so sampling is peaky

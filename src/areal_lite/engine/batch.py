@@ -1,12 +1,14 @@
 """Local engine internals: the running batch and one step of it, run on the worker thread.
 
-A step (see `RunningBatch.step`): remove cancelled rows; decode one token for every
-running request; prefill the admitted requests as one left-padded batch (the prompt
-prefix they all share -- a GRPO group, a common system prompt -- is computed once and
-copied to every row, and whatever part of it an earlier prompt already computed comes
-from the prefix cache, engine/prefix.py), sample their first token and merge their KV
-into the batch; remove finished rows. It returns the chunks to stream; the event loop
-delivers them.
+A step (see `RunningBatch.step`): remove cancelled rows; prepare the admitted requests'
+prefill (the prompt prefix they all share -- a GRPO group, a common system prompt -- is
+computed once and copied to every row, and whatever part of it an earlier prompt already
+computed comes from the prefix cache, engine/prefix.py); run one forward pass that decodes
+a token for every running request and prefills the rest of the admitted prompts as one
+left-padded batch (one pass for both with the fused Llama-family forward,
+engine/fused.py; one Hugging Face forward per batch otherwise); sample, merge the
+admitted rows' KV into the batch; remove finished rows. It returns the chunks to stream;
+the event loop delivers them.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from areal_lite.engine.fused import FusedForward, Part
 from areal_lite.engine.kv import PaddedKV
 from areal_lite.engine.prefix import PrefixCache
 from areal_lite.engine.sampling import choose_tokens, stop_reason
@@ -51,7 +54,7 @@ class RunningBatch:
 
     def __init__(self, model, *, device: torch.device, num_layers: int,
                  eos_ids: frozenset[int], tokenizer=None, max_batch_size: int,
-                 prefix_cache: PrefixCache | None = None):
+                 prefix_cache: PrefixCache | None = None, fused: bool = True):
         self.model = model
         self.device = device
         self.num_layers = num_layers
@@ -62,6 +65,8 @@ class RunningBatch:
         self.seqs: list[Seq] = []
         self._cache_kwarg = cache_kwarg(model)
         self.prefix_cache = prefix_cache  # KV of recent prompts (engine/prefix.py)
+        # one pass for several KV batches (engine/fused.py); None: the model's own forward
+        self.fused = FusedForward.for_model(model) if fused else None
 
     def clear(self) -> None:
         self.kv.clear()
@@ -71,12 +76,20 @@ class RunningBatch:
         """Advance the batch by one token per request (see module docstring)."""
         with torch.inference_mode():
             self._remove({r for r, s in enumerate(self.seqs) if s.cancelled})
+            parts: list[tuple[PaddedKV, list[list[int]]]] = []
+            if self.seqs:
+                self.kv.reserve_decode(cols_hint=max(s.reserved for s in self.seqs))
+                parts.append((self.kv, [[s.output_ids[-1]] for s in self.seqs]))
+            if admit:
+                prefill, rows = self._start_prefill(admit)
+                parts.append((prefill, rows))
+            logits = self._forward_parts(parts)
             events: list[tuple[Seq, TokenChunk]] = []
             finished: set[int] = set()
             if self.seqs:
-                finished = self._emit(self.seqs, self._decode(), version, events)
+                finished = self._emit(self.seqs, logits[0], version, events)
             if admit:
-                self._admit(admit, version, events)
+                self._admit(admit, prefill, logits[-1], version, events)
             self._remove(finished)
             return events
 
@@ -85,50 +98,41 @@ class RunningBatch:
             order = self.kv.remove(rows)
             self.seqs = [self.seqs[o] for o in order]
 
-    def _admit(self, admit: list[Seq], version: int, events: list) -> None:
-        prefilled, logits = self._prefill(admit)
+    def _admit(self, admit: list[Seq], prefilled: PaddedKV, logits: torch.Tensor,
+               version: int, events: list) -> None:
+        if len(admit) == 1:  # one row: no padding; cache its prompt's KV
+            self._remember(prefilled, admit[0].req.input_ids)
+        else:
+            prefilled.zero_padding()
         done = self._emit(admit, logits, version, events)
         kept = [admit[o] for o in prefilled.remove(done)] if done else admit
         hint = max((s.reserved for s in [*self.seqs, *kept]), default=0)
         self.kv.merge(prefilled, rows_hint=self.max_batch_size, cols_hint=hint)
         self.seqs = self.seqs + kept
 
-    def _decode(self) -> torch.Tensor:
-        kv = self.kv
-        kv.reserve_decode(cols_hint=max(s.reserved for s in self.seqs))
-        return self._forward(kv, [[s.output_ids[-1]] for s in self.seqs])
-
-    def _prefill(self, seqs: list[Seq]) -> tuple[PaddedKV, torch.Tensor]:
-        """Prefill `seqs` in a fresh cache; return it and their last-token logits."""
+    def _start_prefill(self, seqs: list[Seq]) -> tuple[PaddedKV, list[list[int]]]:
+        """A fresh cache for `seqs`, holding what is already known of their prompts (a
+        prefix-cache hit, their shared prefix), and the tokens each row still needs."""
         prompts = [s.req.input_ids for s in seqs]
-        if len(prompts) == 1:
-            return self._prefill_one(seqs[0])
+        if len(prompts) == 1:  # the longest cached prefix; the rest runs in the step
+            kv = PaddedKV(self.num_layers, rows_cap=1, cols_cap=len(prompts[0]),
+                          device=self.device)
+            hit = self._start_from_cache(kv, seqs, len(prompts[0]) - 1)
+            return kv, [prompts[0][hit:]]
         # the prefix all prompts share is computed once (each row keeps >= 1 own token)
         shared = min(common_prefix_len(prompts), min(len(p) for p in prompts) - 1)
         rows = [p[shared:] for p in prompts]
         kv = PaddedKV(self.num_layers, rows_cap=len(seqs),
                       cols_cap=shared + max(len(r) for r in rows), device=self.device)
-        if shared >= MIN_SHARED_PREFIX:
-            hit = self._start_from_cache(kv, seqs, shared)
-            if shared > hit:
-                self._forward(kv, [prompts[0][hit:shared]])
-                self._remember(kv, prompts[0][:shared])
-            kv.broadcast_first_row(len(seqs))
-        else:
+        if shared < MIN_SHARED_PREFIX:
             kv.start_rows(len(seqs))
-            rows = prompts
-        logits = self._forward(kv, rows)
-        kv.zero_padding()
-        return kv, logits
-
-    def _prefill_one(self, seq: Seq) -> tuple[PaddedKV, torch.Tensor]:
-        """One prompt: reuse the longest cached prefix, prefill the rest, cache it all."""
-        prompt = seq.req.input_ids
-        kv = PaddedKV(self.num_layers, rows_cap=1, cols_cap=len(prompt), device=self.device)
-        hit = self._start_from_cache(kv, [seq], len(prompt) - 1)
-        logits = self._forward(kv, [prompt[hit:]])
-        self._remember(kv, prompt)
-        return kv, logits
+            return kv, prompts
+        hit = self._start_from_cache(kv, seqs, shared)
+        if shared > hit:
+            self._forward(kv, [prompts[0][hit:shared]])
+            self._remember(kv, prompts[0][:shared])
+        kv.broadcast_first_row(len(seqs))
+        return kv, rows
 
     def _start_from_cache(self, kv: PaddedKV, seqs: list[Seq], limit: int) -> int:
         """Start `kv` with one row holding the longest cached prefix of the first prompt's
@@ -150,13 +154,29 @@ class RunningBatch:
 
     def _forward(self, kv: PaddedKV, rows: list[list[int]]) -> torch.Tensor:
         """Run new tokens (one list per row, left-padded) into `kv`; last-token logits."""
-        lens = [len(r) for r in rows]
-        width = max(lens)
-        ids = torch.tensor([[r[0]] * (width - len(r)) + r for r in rows], device=self.device)
-        mask, positions = kv.prepare(lens)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         **{self._cache_kwarg: kv.cache}, use_cache=True, logits_to_keep=1)
-        kv.advance(lens)
+        return self._forward_parts([(kv, rows)])[0]
+
+    def _forward_parts(self, batches: list[tuple[PaddedKV, list[list[int]]]]
+                       ) -> list[torch.Tensor]:
+        """`_forward` for several caches: one pass with the fused forward."""
+        parts = []
+        for kv, rows in batches:
+            width = max(len(r) for r in rows)
+            ids = torch.tensor([[r[0]] * (width - len(r)) + r for r in rows], device=self.device)
+            mask, positions = kv.prepare([len(r) for r in rows])
+            parts.append(Part(kv, ids, mask, positions))
+        if self.fused is not None:
+            logits = self.fused(parts)
+        else:
+            logits = [self._hf_forward(p) for p in parts]
+        for kv, rows in batches:
+            kv.advance([len(r) for r in rows])
+        return logits
+
+    def _hf_forward(self, part: Part) -> torch.Tensor:
+        out = self.model(input_ids=part.ids, attention_mask=part.mask,
+                         position_ids=part.positions, **{self._cache_kwarg: part.kv.cache},
+                         use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
 
     def _emit(self, seqs: list[Seq], logits: torch.Tensor, version: int,

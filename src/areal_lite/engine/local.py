@@ -51,14 +51,17 @@ class LocalEngine:
     prompt) prefilled in one step; a longer single prompt is still prefilled alone.
     `prefix_cache_tokens` bounds the KV of recent prompts kept for reuse by later prompts
     with the same beginning (engine/prefix.py; 0 = off); it is outside `max_kv_tokens`
-    and cleared on every weight update. Use as ``async with LocalEngine(model) as engine:`` or call
-    `start()`/`close()`; `stream`/`generate` start the scheduler on first use.
+    and cleared on every weight update. `fused_forward` runs Llama-family models through the
+    engine's own forward (engine/fused.py: a decode step and the joining prompts' prefill in
+    one pass); other models, or False, use the model's Hugging Face forward. Use as
+    ``async with LocalEngine(model) as engine:`` or call `start()`/`close()`;
+    `stream`/`generate` start the scheduler on first use.
     """
 
     def __init__(self, model, *, tokenizer=None, device: str = "cpu", max_batch_size: int = 64,
                  max_kv_tokens: int = 65536, max_context_len: int | None = None,
                  initial_version: int = 0, seed: int = 0, max_prefill_tokens: int = 8192,
-                 prefix_cache_tokens: int = 8192):
+                 prefix_cache_tokens: int = 8192, fused_forward: bool = True):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model = model
@@ -77,7 +80,8 @@ class LocalEngine:
         self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
         self._batch = RunningBatch(model, device=self.device, num_layers=self._num_layers,
                                    eos_ids=self.eos_ids, tokenizer=tokenizer,
-                                   max_batch_size=max_batch_size, prefix_cache=self.prefix_cache)
+                                   max_batch_size=max_batch_size, prefix_cache=self.prefix_cache,
+                                   fused=fused_forward)
         self._paused = False
         self._closed = False
         self._wake = asyncio.Event()  # set when there may be work (or a state change)
@@ -242,6 +246,25 @@ class LocalEngine:
             if self.prefix_cache is not None:  # its KV was computed with the old weights
                 self.prefix_cache.clear()
             self._version = version
+        finally:
+            if not was_paused:
+                await self.resume()
+
+    async def run_on_step_thread(self, fn, *args):
+        """Run the blocking `fn(*args)` on the engine's step thread while no step runs
+        (pausing around it) and return its result.
+
+        For torch work that competes with the engine for a small CPU: each thread that runs
+        parallel torch ops gets its own OpenMP pool, and once the pools' threads outnumber
+        the cores libgomp lets idle workers sleep almost at once, so every later decode step
+        pays wake-ups between its ops (measured on 2 cores: ~30% slower steps). Work run here
+        shares the engine's pool instead.
+        """
+        await self.start()
+        was_paused = self._paused
+        await self.pause()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
         finally:
             if not was_paused:
                 await self.resume()
