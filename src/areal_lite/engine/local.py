@@ -39,6 +39,7 @@ from areal_lite.engine.base import ContextLengthExceeded, EngineError, EngineUna
 from areal_lite.engine.batch import RunningBatch, Seq
 from areal_lite.engine.prefix import PrefixCache
 from areal_lite.engine.sampling import validate_params
+from areal_lite.models import model_device, stop_token_ids
 from areal_lite.types import GenerateRequest, GenerateResult, TokenChunk
 
 
@@ -51,9 +52,8 @@ class LocalEngine:
     prompt) prefilled in one step; a longer single prompt is still prefilled alone.
     `prefix_cache_tokens` bounds the KV of recent prompts kept for reuse by later prompts
     with the same beginning (engine/prefix.py; 0 = off); it is outside `max_kv_tokens`
-    and cleared on every weight update. `fused_forward` runs Llama-family models through the
-    engine's own forward (engine/fused.py: a decode step and the joining prompts' prefill in
-    one pass); other models, or False, use the model's Hugging Face forward. Use as
+    and cleared on every weight update. `fused_forward`: Llama-family models run decode and
+    joining prompts in one pass (engine/fused.py); False or other models: HF forward. Use as
     ``async with LocalEngine(model) as engine:`` or call `start()`/`close()`;
     `stream`/`generate` start the scheduler on first use.
     """
@@ -66,14 +66,14 @@ class LocalEngine:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model = model
         self.tokenizer = tokenizer
-        self.device = _model_device(model, torch.device(device))
+        self.device = model_device(model, torch.device(device))
         text_cfg = model.config.get_text_config(decoder=True)
         self._num_layers = text_cfg.num_hidden_layers
         self._max_context_len = int(max_context_len or text_cfg.max_position_embeddings)
         self.max_batch_size = max_batch_size
         self.max_kv_tokens = max_kv_tokens
         self.max_prefill_tokens = max_prefill_tokens
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = stop_token_ids(model, tokenizer)
         self._version = initial_version
         self._rng = random.Random(seed)  # seeds requests that bring no seed of their own
         self._waiting: deque[Seq] = deque()
@@ -251,14 +251,11 @@ class LocalEngine:
                 await self.resume()
 
     async def run_on_step_thread(self, fn, *args):
-        """Run the blocking `fn(*args)` on the engine's step thread while no step runs
-        (pausing around it) and return its result.
-
-        For torch work that competes with the engine for a small CPU: each thread that runs
-        parallel torch ops gets its own OpenMP pool, and once the pools' threads outnumber
-        the cores libgomp lets idle workers sleep almost at once, so every later decode step
-        pays wake-ups between its ops (measured on 2 cores: ~30% slower steps). Work run here
-        shares the engine's pool instead.
+        """Run the blocking `fn(*args)` on the engine's step thread, between steps (paused
+        around it); return its result. For torch work sharing a small CPU with the engine:
+        each thread running parallel torch ops has its own OpenMP pool, and once the pools
+        outnumber the cores libgomp barely spins, so every later decode step pays wake-ups
+        (measured on 2 cores: ~30% slower steps). Work run here shares the engine's pool.
         """
         await self.start()
         was_paused = self._paused
@@ -401,25 +398,3 @@ def _copy_into(targets: Mapping[str, torch.Tensor], items: list[tuple[str, objec
             if isinstance(tensor, torch.Tensor) and tensor.data_ptr() == dst.data_ptr():
                 continue  # shared storage: nothing to copy
             dst.copy_(torch.as_tensor(tensor))
-
-
-def _model_device(model, wanted: torch.device) -> torch.device:
-    """The model's device, checked against `wanted` (the engine never moves a module that
-    a trainer may share)."""
-    actual = next(model.parameters()).device
-    if actual.type != wanted.type or wanted.index not in (None, actual.index):
-        raise ValueError(f"the model is on {actual} but LocalEngine(device={str(wanted)!r}); "
-                         f"move the model first or pass device={str(actual)!r}")
-    return actual
-
-
-def _eos_ids(model, tokenizer) -> frozenset[int]:
-    """Stop tokens as HF generate would use them: generation_config, else config, else
-    the tokenizer's eos."""
-    for source in (getattr(model, "generation_config", None), model.config):
-        eos = getattr(source, "eos_token_id", None) if source is not None else None
-        if eos is not None:
-            return frozenset([eos] if isinstance(eos, int) else eos)
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        return frozenset([tokenizer.eos_token_id])
-    return frozenset()
