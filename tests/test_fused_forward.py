@@ -63,6 +63,16 @@ def test_fused_pass_equals_the_hf_forward(family_model):
     assert all(torch.isfinite(t).all() for t in fused)
 
 
+def test_fused_pass_in_bf16_keeps_the_hf_rounding(tmp_path):
+    """bf16 norms run through the model's own modules: the same bits as the HF forward."""
+    model = load_causal_lm(make_tiny_model_dir(tmp_path, arch="qwen3"), dtype="bfloat16")
+    fused, *_ = two_steps(model, fused=True)
+    ref, *_ = two_steps(model, fused=False)
+    assert fused[0].dtype == torch.bfloat16
+    for got, want in zip(fused, ref):
+        assert torch.equal(got, want)
+
+
 def hf_greedy(model, ids, n):
     with torch.inference_mode():
         out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
