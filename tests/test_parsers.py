@@ -11,13 +11,13 @@ from hypothesis import strategies as st
 from areal_lite.proxy.parsers import (
     TOOL_PARSERS,
     Delta,
-    StreamParser,
     ToolCall,
     detect_tool_parser,
     parse_output,
     split_reasoning,
     think_opened_in_prompt,
 )
+from areal_lite.proxy.stream_parser import StreamParser
 from areal_lite.tiny import CHATML_TOOLS_TEMPLATE
 
 
