@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 import torch
+from test_local_engine import hf_greedy, req
 
 from areal_lite.engine.batch import RunningBatch
 from areal_lite.engine.fused import FusedForward
@@ -14,7 +15,6 @@ from areal_lite.engine.kv import PaddedKV
 from areal_lite.engine.local import LocalEngine
 from areal_lite.models import load_causal_lm, load_tokenizer
 from areal_lite.tiny import make_tiny_model_dir
-from areal_lite.types import GenerateRequest, SamplingParams
 
 PROMPTS_A = [[5, 9, 13, 21, 34, 2], [7, 7, 8], [40, 41, 42, 43, 44, 45, 46, 47, 48]]
 PROMPTS_B = [[11, 3], [60, 61, 62, 63, 64, 65, 66]]
@@ -73,19 +73,6 @@ def test_fused_pass_in_bf16_keeps_the_hf_rounding(tmp_path):
         assert torch.equal(got, want)
 
 
-def hf_greedy(model, ids, n):
-    with torch.inference_mode():
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
-                             dtype=torch.long), max_new_tokens=n, do_sample=False)
-    return out[0, len(ids):].tolist()
-
-
-def req(ids, rid, n):
-    return GenerateRequest(rid=rid, input_ids=list(ids),
-                           sampling=SamplingParams(max_new_tokens=n, temperature=0.0,
-                                                   ignore_eos=True))
-
-
 async def test_joining_prompts_ride_along_with_the_decode_step(family_model, monkeypatch):
     """Requests that arrive while others decode are prefilled in the same pass; tokens
     equal HF generate; the HF forward is never called."""
@@ -105,11 +92,13 @@ async def test_joining_prompts_ride_along_with_the_decode_step(family_model, mon
     monkeypatch.setattr(FusedForward, "__call__", spy)
     monkeypatch.setattr(model, "forward", no_hf)
     async with LocalEngine(model, tokenizer=tok) as eng:
-        first = [asyncio.ensure_future(eng.generate(req(p, str(i), 12)))
+        first = [asyncio.ensure_future(eng.generate(req(p, str(i), max_new_tokens=12,
+                                                        ignore_eos=True)))
                  for i, p in enumerate(prompts[:2])]
         while eng.num_running < 2:
             await asyncio.sleep(0.001)
-        later = [asyncio.ensure_future(eng.generate(req(p, str(i), 12)))
+        later = [asyncio.ensure_future(eng.generate(req(p, str(i), max_new_tokens=12,
+                                                        ignore_eos=True)))
                  for i, p in enumerate(prompts[2:], start=2)]
         outs = [r.output_ids for r in await asyncio.gather(*first, *later)]
     assert outs == refs
@@ -125,6 +114,7 @@ async def test_other_families_use_their_own_forward(tmp_path):
     refs = [hf_greedy(model, p, 8) for p in prompts]
     async with LocalEngine(model, tokenizer=tok) as eng:
         assert eng._batch.fused is None
-        results = await asyncio.gather(*[eng.generate(req(p, str(i), 8))
+        results = await asyncio.gather(*[eng.generate(req(p, str(i), max_new_tokens=8,
+                                                          ignore_eos=True))
                                          for i, p in enumerate(prompts)])
     assert [r.output_ids for r in results] == refs

@@ -159,18 +159,18 @@ class RunningBatch:
     def _forward_parts(self, batches: list[tuple[PaddedKV, list[list[int]]]]
                        ) -> list[torch.Tensor]:
         """`_forward` for several caches: one pass with the fused forward."""
-        parts = []
-        for kv, rows in batches:
-            width = max(len(r) for r in rows)
+        parts, lens = [], [[len(r) for r in rows] for _, rows in batches]
+        for (kv, rows), n in zip(batches, lens):
+            width = max(n)
             ids = torch.tensor([[r[0]] * (width - len(r)) + r for r in rows], device=self.device)
-            mask, positions = kv.prepare([len(r) for r in rows])
+            mask, positions = kv.prepare(n)
             parts.append(Part(kv, ids, mask, positions))
         if self.fused is not None:
             logits = self.fused(parts)
         else:
             logits = [self._hf_forward(p) for p in parts]
-        for kv, rows in batches:
-            kv.advance([len(r) for r in rows])
+        for (kv, _), n in zip(batches, lens):
+            kv.advance(n)
         return logits
 
     def _hf_forward(self, part: Part) -> torch.Tensor:

@@ -11,7 +11,8 @@ would need one pass per part (and builds its masks and caches generically each t
 
 What it computes is the model's own function: the layers' modules and parameters are
 used as they are (no copies, so in-place weight updates and storage shared with a trainer
-keep working), norms and rotary embeddings are the model's own modules, attention is
+keep working), norms and rotary embeddings are the model's own modules (and transformers' rotary
+formula), attention is
 `scaled_dot_product_attention` with the layer's scale. Tests check logits and greedy
 tokens against the Hugging Face forward and `generate`. A model of another family, or
 one with a feature this pass does not implement, uses the Hugging Face forward
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from areal_lite.engine.kv import PaddedKV
 
@@ -113,9 +115,7 @@ class FusedForward:
         q = q.transpose(1, 2)
         k = k.transpose(1, 2)
         v = v.view(rows, width, -1, hd).transpose(1, 2)
-        cos, sin = cos[:, None], sin[:, None]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)  # the Llama-family formula (Qwen: same)
         keys, values = slot.update(k, v)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
                                              enable_gqa=self.num_heads != self.num_kv_heads)
@@ -142,11 +142,6 @@ def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
     if x.dtype != torch.float32 or eps is None or norm.weight.dtype != torch.float32:
         return norm(x)
     return F.rms_norm(x, (x.shape[-1],), norm.weight, eps)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def _has_path(module, path: str) -> bool:

@@ -28,6 +28,7 @@ module's train/eval mode, so keep dropout off in that setup.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -235,9 +236,7 @@ class LocalEngine:
             if tuple(tensor.shape) != tuple(targets[name].shape):
                 raise ValueError(f"update_weights: {name!r} has shape {tuple(tensor.shape)}, "
                                  f"the model expects {tuple(targets[name].shape)}")
-        was_paused = self._paused
-        await self.pause()
-        try:
+        async with self._between_steps():
             if self._executor is not None:
                 loop = asyncio.get_running_loop()
                 await loop.run_in_executor(self._executor, _copy_into, targets, items)
@@ -246,22 +245,23 @@ class LocalEngine:
             if self.prefix_cache is not None:  # its KV was computed with the old weights
                 self.prefix_cache.clear()
             self._version = version
-        finally:
-            if not was_paused:
-                await self.resume()
 
     async def run_on_step_thread(self, fn, *args):
-        """Run the blocking `fn(*args)` on the engine's step thread, between steps (paused
-        around it); return its result. For torch work sharing a small CPU with the engine:
-        each thread running parallel torch ops has its own OpenMP pool, and once the pools
-        outnumber the cores libgomp barely spins, so every later decode step pays wake-ups
-        (measured on 2 cores: ~30% slower steps). Work run here shares the engine's pool.
-        """
+        """Run the blocking `fn(*args)` on the engine's step thread between steps; return
+        its result. For torch work sharing a small CPU with the engine: a thread's parallel
+        torch ops get their own OpenMP pool, and once pools outnumber cores libgomp barely
+        spins, so later decode steps pay wake-ups (~30% slower on 2 cores)."""
         await self.start()
+        async with self._between_steps():
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    @contextlib.asynccontextmanager
+    async def _between_steps(self):
+        """Paused for the body (no step in flight); resumes unless already paused."""
         was_paused = self._paused
         await self.pause()
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+            yield
         finally:
             if not was_paused:
                 await self.resume()
