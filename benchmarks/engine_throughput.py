@@ -13,7 +13,14 @@ tokens are not counted). Prints one JSON line per (concurrency, waves):
 
     {"bench": "engine_throughput", "concurrency": N, "waves": W, "engine_tok_s": ..,
      "hf_generate_tok_s": .., "ratio": .., "greedy_identical": true|false,
-     "num_differ": .., "device": .., "dtype": ..}
+     "num_differ": .., "device": .., "dtype": .., "hf_step_ms": .., "matmul_floor_ms": ..,
+     "step_ceiling": ..}
+
+The last three bound what any engine could gain here: `hf_step_ms` is `generate`'s time
+per decode step (its wall time over the steps it ran), `matmul_floor_ms` the time of one
+decode step's matrix products alone (every `nn.Linear` of the model, `lm_head` included,
+on N rows, on the same thread), and `step_ceiling` their ratio: an engine whose step cost
+nothing but those products would be that many times faster per step than `generate`.
 
 Usage::
 
@@ -83,14 +90,17 @@ async def run_engine(engine: LocalEngine, prompts, max_new_tokens: int, concurre
 
 
 def run_hf_batches(model, tokenizer, prompts, max_new_tokens: int, eos, device, batch: int):
-    """`model.generate` on consecutive batches of `batch` prompts."""
+    """`model.generate` on consecutive batches of `batch` prompts; also returns the
+    number of decode steps it ran."""
     outputs: list[list[int]] = []
-    elapsed = 0.0
+    elapsed, steps = 0.0, 0
     for i in range(0, len(prompts), batch):
-        out, secs = run_hf(model, tokenizer, prompts[i:i + batch], max_new_tokens, eos, device)
+        out, secs, n = run_hf(model, tokenizer, prompts[i:i + batch], max_new_tokens, eos,
+                              device)
         outputs += out
         elapsed += secs
-    return outputs, elapsed
+        steps += n
+    return outputs, elapsed, steps
 
 
 def run_hf(model, tokenizer, prompts, max_new_tokens: int, eos: frozenset[int], device):
@@ -105,7 +115,28 @@ def run_hf(model, tokenizer, prompts, max_new_tokens: int, eos: frozenset[int], 
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    return [cut_at_eos(row[width:].tolist(), eos) for row in out], elapsed
+    return [cut_at_eos(row[width:].tolist(), eos) for row in out], elapsed, out.shape[1] - width
+
+
+def matmul_floor_ms(model, rows: int, device, repeats: int = 15) -> float:
+    """Median time of one decode step's matrix products alone: every `nn.Linear` of the
+    model (`lm_head` included) on `rows` token vectors. No engine steps faster than this
+    with these kernels; attention, norms, rotary, KV writes and sampling come on top."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    dtype = linears[0].weight.dtype
+    inputs = {n: torch.randn(rows, n, dtype=dtype, device=device)
+              for n in {m.in_features for m in linears}}
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 2):
+            start = time.perf_counter()
+            for m in linears:
+                m(inputs[m.in_features])
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= 2:  # two warm-up passes
+                times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1000
 
 
 async def bench(args) -> None:
@@ -130,6 +161,7 @@ async def bench(args) -> None:
         # each would have alone (a second torch thread slows the other's steps; see
         # LocalEngine.run_on_step_thread)
         await engine.run_on_step_thread(run_hf, model, tokenizer, warm, 4, eos, device)
+        await engine.run_on_step_thread(matmul_floor_ms, model, 2, device, 1)
         for waves in [int(w) for w in args.waves.split(",")]:
             for n in concurrencies:
                 prompts = make_prompts(tokenizer, n * waves)
@@ -137,10 +169,12 @@ async def bench(args) -> None:
                 for _ in range(args.repeats):  # interleaved, best of: robust to a busy machine
                     eng_out, secs = await run_engine(engine, prompts, args.max_new_tokens, n)
                     eng_s = min(eng_s, secs)
-                    hf_out, secs = await engine.run_on_step_thread(
+                    hf_out, secs, hf_steps = await engine.run_on_step_thread(
                         run_hf_batches, model, tokenizer, prompts, args.max_new_tokens, eos,
                         device, n)
                     hf_s = min(hf_s, secs)
+                floor_ms = await engine.run_on_step_thread(matmul_floor_ms, model, n, device)
+                hf_step_ms = hf_s / hf_steps * 1000
                 eng_tok = sum(len(o) for o in eng_out) / eng_s
                 hf_tok = sum(len(o) for o in hf_out) / hf_s
                 differ = sum(a != b for a, b in zip(eng_out, hf_out))
@@ -152,6 +186,8 @@ async def bench(args) -> None:
                     "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
                     "threads": torch.get_num_threads(),
                     "fused_forward": engine._batch.fused is not None,
+                    "hf_step_ms": round(hf_step_ms, 3), "matmul_floor_ms": round(floor_ms, 3),
+                    "step_ceiling": round(hf_step_ms / floor_ms, 2),
                 }), flush=True)
 
 

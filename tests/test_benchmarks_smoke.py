@@ -48,6 +48,9 @@ def test_engine_throughput_quick_run():
         assert r["engine_tok_s"] > 0 and r["hf_generate_tok_s"] > 0, r
         assert abs(r["ratio"] - r["engine_tok_s"] / r["hf_generate_tok_s"]) < 0.02, r  # rounding
         assert r["greedy_identical"] == (r["num_differ"] == 0), r
+        assert r["hf_step_ms"] > 0 and r["matmul_floor_ms"] > 0, r
+        ceiling = r["hf_step_ms"] / r["matmul_floor_ms"]
+        assert abs(r["step_ceiling"] - ceiling) <= 0.05 * ceiling + 0.01, r  # rounding
 
 
 def test_train_step_quick_run():

@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from areal_lite import metrics as metrics_mod
+from areal_lite import metrics_plots
 from areal_lite.metrics import MetricsConfig, MetricsLogger, format_progress, plot_metrics, read_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -310,7 +311,7 @@ def test_fake_wandb_logs_and_resumes_same_run(tmp_path: Path, monkeypatch) -> No
 @given(st.lists(st.floats(-1e3, 1e3), max_size=50), st.integers(1, 10))
 def test_moving_average_matches_reference(values, window) -> None:
     expected = [sum(values[max(0, i - window + 1) : i + 1]) / min(i + 1, window) for i in range(len(values))]
-    assert metrics_mod._moving_average(values, window) == pytest.approx(expected, abs=1e-6)
+    assert metrics_plots._moving_average(values, window) == pytest.approx(expected, abs=1e-6)
 
 
 def test_all_is_sorted_and_complete() -> None:
