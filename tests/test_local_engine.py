@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from areal_lite.engine.base import ContextLengthExceeded, Engine, EngineError
 from areal_lite.engine.kv import PaddedKV
 from areal_lite.engine.local import LocalEngine
+from areal_lite.engine.stats import EngineStats, engine_metrics
 from areal_lite.models import load_causal_lm, load_tokenizer
 from areal_lite.types import GenerateRequest, GenerateResult, SamplingParams
 
@@ -528,3 +529,28 @@ async def test_run_on_step_thread_pauses_the_engine_around_the_call(model, tok, 
             await eng.run_on_step_thread(boom)
         r = await eng.generate(req(prompts[1], max_new_tokens=5))
         assert r.output_ids == hf_greedy(model, prompts[1], 5)
+
+
+async def test_stats_count_steps_tokens_and_reused_prefill(engine):
+    """EngineStats: every sampled token, every decode row, prompt tokens split into the
+    ones prefilled and the ones reused (a shared group prefix, a prefix-cache hit)."""
+    prompt = list(range(3, 23))  # 20 tokens
+    group = [req(prompt + [30 + i], rid=f"g{i}", max_new_tokens=5, ignore_eos=True)
+             for i in range(3)]  # a GRPO-like group: 20 shared tokens
+    assert engine.stats == EngineStats()
+    results = await asyncio.gather(*[engine.generate(r) for r in group])
+    first = engine.stats
+    assert first.generated_tokens == sum(len(r.output_ids) for r in results) == 15
+    assert first.prompt_tokens == 3 * 21
+    assert first.prefill_tokens == 20 + 3  # the shared prefix once, then a token per row
+    assert first.decode_tokens == 3 * 4 and first.steps == 5  # admitted in one step
+    assert first.busy_s > 0
+    await engine.generate(req(prompt + [99], rid="later", max_new_tokens=2, ignore_eos=True))
+    second = engine.stats  # the prefix cache held the 20 shared tokens: 1 prefilled
+    assert second.prompt_tokens - first.prompt_tokens == 21
+    assert second.prefill_tokens - first.prefill_tokens == 1
+    metrics = engine_metrics(first, second, wall_s=1.0)
+    assert metrics["engine/steps"] == 2 and metrics["engine/gen_tokens_per_s"] == 2
+    assert metrics["engine/mean_decode_rows"] == 0.5  # step 1 only prefills; step 2 decodes
+    assert metrics["engine/prefill_reuse_frac"] == pytest.approx(20 / 21)
+    assert 0 < metrics["engine/busy_frac"] <= 1

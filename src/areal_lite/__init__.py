@@ -9,6 +9,7 @@ from areal_lite.engine.base import ContextLengthExceeded, Engine, EngineError, E
 from areal_lite.engine.fake_sglang import FakeSGLangServer
 from areal_lite.engine.local import LocalEngine
 from areal_lite.engine.sglang import SGLangEngine
+from areal_lite.engine.stats import EngineStats
 from areal_lite.export import export_concat, export_episode, export_individual
 from areal_lite.learner import Learner, LearnerConfig
 from areal_lite.proxy.app import ProxyServer
@@ -28,6 +29,7 @@ __all__ = [
     "ContextLengthExceeded",
     "Engine",
     "EngineError",
+    "EngineStats",
     "EngineUnavailable",
     "EpisodeResult",
     "ExperimentConfig",

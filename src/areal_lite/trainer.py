@@ -20,6 +20,7 @@ from areal_lite.checkpoint import load_latest_checkpoint, restore_rng, save_chec
 from areal_lite.config import ExperimentConfig, run_path
 from areal_lite.config_toml import config_to_toml, load_config, validate_config
 from areal_lite.data import PromptStream, load_dataset_rows
+from areal_lite.engine.stats import EngineStats, engine_metrics
 from areal_lite.hostmem import limit_malloc_growth
 from areal_lite.learner import Learner
 from areal_lite.metrics import MetricsLogger
@@ -43,6 +44,7 @@ class Trainer:
         self.version = 0  # weight version in the engine
         self.step = 0  # RL steps done
         self.weight_group: WeightGroup | None = None  # open while training, "distributed" only
+        self._engine_mark: tuple[EngineStats, float] | None = None  # totals at the last step
 
     def train(self, workflow: Any = None) -> dict[str, float]:
         """Run the loop to `trainer.total_steps`; returns the last step's metrics."""
@@ -77,6 +79,7 @@ class Trainer:
                                      consumed=self.step * cfg.rollout.batch_size)
             metrics = exits.enter_context(MetricsLogger(self.run_dir, cfg.metrics,
                                                         start_step=self.step))
+            self._engine_metrics(stack.engine)  # mark the start
             producing = asyncio.create_task(producer.run())
             exits.push_async_callback(_cancel, producing)
             last: dict[str, float] = {}
@@ -122,9 +125,20 @@ class Trainer:
                "time/generation_s": t1 - t0, "time/update_s": t2 - t1,
                "time/weight_swap_s": paused_s, "time/step_s": time.perf_counter() - t0,
                "version": float(self.version)}
+        row.update(self._engine_metrics(stack.engine))
         metrics.log(self.step, row)
         metrics.progress(self.step, cfg.trainer.total_steps, row)
         return row
+
+    def _engine_metrics(self, engine) -> dict[str, float]:
+        """The local engine's work since the previous call (engine/stats.py): every token
+        it generated since the last step's metrics, evaluation included. {} for engines
+        that keep no totals (SGLang)."""
+        stats = getattr(engine, "stats", None)
+        if not isinstance(stats, EngineStats):
+            return {}
+        mark, self._engine_mark = self._engine_mark, (stats, time.perf_counter())
+        return engine_metrics(mark[0], stats, self._engine_mark[1] - mark[1]) if mark else {}
 
     def _shape_rewards(self, samples: list[Sample]) -> list[Sample]:
         algo, max_new = self.cfg.algorithm, self.cfg.rollout.sampling.max_new_tokens

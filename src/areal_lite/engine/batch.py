@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,7 @@ from areal_lite.engine.fused import FusedForward, Part
 from areal_lite.engine.kv import PaddedKV
 from areal_lite.engine.prefix import PrefixCache
 from areal_lite.engine.sampling import choose_tokens, stop_reason
+from areal_lite.engine.stats import EngineStats
 from areal_lite.types import GenerateRequest, SamplingParams, TokenChunk
 
 MIN_SHARED_PREFIX = 4  # shorter shared prompt prefixes are not worth a separate pass
@@ -67,6 +69,7 @@ class RunningBatch:
         self.prefix_cache = prefix_cache  # KV of recent prompts (engine/prefix.py)
         # one pass for several KV batches (engine/fused.py); None: the model's own forward
         self.fused = FusedForward.for_model(model) if fused else None
+        self.stats = EngineStats()  # totals; read by the loop thread between steps
 
     def clear(self) -> None:
         self.kv.clear()
@@ -74,6 +77,7 @@ class RunningBatch:
 
     def step(self, admit: list[Seq], version: int) -> list[tuple[Seq, TokenChunk]]:
         """Advance the batch by one token per request (see module docstring)."""
+        start, stats = time.perf_counter(), self.stats
         with torch.inference_mode():
             self._remove({r for r, s in enumerate(self.seqs) if s.cancelled})
             parts: list[tuple[PaddedKV, list[list[int]]]] = []
@@ -83,15 +87,21 @@ class RunningBatch:
             if admit:
                 prefill, rows = self._start_prefill(admit)
                 parts.append((prefill, rows))
+                stats.prompt_tokens += sum(len(s.req.input_ids) for s in admit)
+                stats.prefill_tokens += sum(len(r) for r in rows)
             logits = self._forward_parts(parts)
             events: list[tuple[Seq, TokenChunk]] = []
             finished: set[int] = set()
             if self.seqs:
                 finished = self._emit(self.seqs, logits[0], version, events)
+                stats.decode_tokens += len(self.seqs)
             if admit:
                 self._admit(admit, prefill, logits[-1], version, events)
             self._remove(finished)
-            return events
+        stats.steps += 1
+        stats.generated_tokens += len(events)
+        stats.busy_s += time.perf_counter() - start
+        return events
 
     def _remove(self, rows: set[int]) -> None:
         if rows:
@@ -130,6 +140,7 @@ class RunningBatch:
         hit = self._start_from_cache(kv, seqs, shared)
         if shared > hit:
             self._forward(kv, [prompts[0][hit:shared]])
+            self.stats.prefill_tokens += shared - hit
             self._remember(kv, prompts[0][:shared])
         kv.broadcast_first_row(len(seqs))
         return kv, rows

@@ -40,6 +40,7 @@ from areal_lite.engine.base import ContextLengthExceeded, EngineError, EngineUna
 from areal_lite.engine.batch import RunningBatch, Seq
 from areal_lite.engine.prefix import PrefixCache
 from areal_lite.engine.sampling import validate_params
+from areal_lite.engine.stats import EngineStats
 from areal_lite.models import model_device, stop_token_ids
 from areal_lite.types import GenerateRequest, GenerateResult, TokenChunk
 
@@ -123,6 +124,11 @@ class LocalEngine:
     def num_waiting(self) -> int:
         """Requests queued for admission."""
         return len(self._waiting)
+
+    @property
+    def stats(self) -> EngineStats:
+        """A copy of the totals counted since start (engine/stats.py)."""
+        return self._batch.stats.copy()
 
     async def start(self) -> None:
         """Start the scheduler task (idempotent)."""
