@@ -49,19 +49,30 @@ import asyncio
 import contextlib
 import json
 import math
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import aiohttp
 import httpx2
 import msgspec
-from aiohttp import web
+from bench_support import (
+    CannedTransport,
+    Recorder,
+    Servers,
+    canned_completion,
+    cpu_s,
+    peak_rss_mb,
+    percentile,
+    raise_fd_limit,
+    reset_peak_rss,
+    round3,
+    run_async,
+    start_servers,
+    to_ms,
+)
 from openai import AsyncOpenAI
 
 VARIANTS = ("sdk_ceiling", "sdk_ceiling_inproc", "floor", "proxy", "proxy_tcp",
@@ -70,149 +81,6 @@ REPLY = "Sure, noted."  # the fake model's fixed reply (then eos)
 QUESTIONS = ["What is 2 + 3?", "Name a colour.", "Say hello to the team.",
              "Is 7 prime? Answer briefly."]
 CALL_TIMEOUT_S = 120.0  # per SDK call; a call that takes longer counts as an error
-
-
-# --- servers (child process) ---------------------------------------------------------
-
-def canned_completion(content: str, num_prompt: int, num_out: int) -> bytes:
-    return msgspec.json.encode({
-        "id": "chatcmpl-canned", "object": "chat.completion", "created": 0,
-        "model": "default", "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                                         "message": {"role": "assistant", "content": content}}],
-        "usage": {"prompt_tokens": num_prompt, "completion_tokens": num_out,
-                  "total_tokens": num_prompt + num_out}})
-
-
-def make_canned_app(body: bytes) -> web.Application:
-    """The SDK ceiling: a fixed chat completion; plus the child's CPU counter."""
-    async def chat(_: web.Request) -> web.Response:
-        return web.Response(body=body, content_type="application/json")
-
-    async def stats(_: web.Request) -> web.Response:
-        return web.json_response({"cpu_s": cpu_s()})
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_get("/bench/stats", stats)
-    return app
-
-
-async def serve(spec: dict) -> None:
-    """Child: serve the fake SGLang server and the canned endpoint until stdin closes."""
-    from areal_lite.engine.fake_sglang import FakeSGLangServer
-
-    reply_ids = spec["reply_ids"]
-    async with FakeSGLangServer(vocab_size=spec["vocab_size"], eos_token_id=spec["eos"],
-                                max_context_len=spec["max_context_len"],
-                                responder=lambda ids, sampling: list(reply_ids),
-                                history=1) as fake:
-        runner = web.AppRunner(make_canned_app(spec["canned"].encode()), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0, backlog=4096).start()
-        port = runner.addresses[0][1]
-        print(json.dumps({"fake_url": fake.url, "canned_url": f"http://127.0.0.1:{port}"}),
-              flush=True)
-        try:
-            await asyncio.to_thread(sys.stdin.read)  # returns when the parent closes stdin
-        finally:
-            await runner.cleanup()
-
-
-@dataclass
-class Servers:
-    fake_url: str  # fake SGLang base url
-    canned_url: str  # canned endpoint base url (OpenAI base_url is this + /v1)
-    session: aiohttp.ClientSession  # for the CPU counter only
-
-    async def cpu_s(self) -> float:
-        async with self.session.get(self.canned_url + "/bench/stats") as resp:
-            return (await resp.json())["cpu_s"]
-
-
-@contextlib.asynccontextmanager
-async def start_servers(spec: dict) -> AsyncIterator[Servers]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "--serve", json.dumps(spec),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        line = await asyncio.wait_for(proc.stdout.readline(), 60)
-        if not line:
-            raise RuntimeError("benchmark server process exited before listening; see stderr")
-        urls = json.loads(line)
-        async with aiohttp.ClientSession() as session:
-            yield Servers(urls["fake_url"], urls["canned_url"], session)
-    finally:
-        proc.stdin.close()
-        try:
-            await asyncio.wait_for(proc.wait(), 10)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-
-
-class CannedTransport(httpx2.AsyncBaseTransport):
-    """An in-process transport answering every request with the same completion."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-
-    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
-        await request.aread()
-        await asyncio.sleep(0)  # yield once, as any real transport does: agents interleave
-        return httpx2.Response(200, headers={"content-type": "application/json"},
-                               content=self._body, request=request)
-
-
-# --- measurement ---------------------------------------------------------------------
-
-def cpu_s() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
-
-
-def reset_peak_rss() -> None:
-    with contextlib.suppress(OSError):  # not Linux: peak_rss_mb is then the run's peak
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_rss_mb() -> float:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _round(x: float) -> float | None:
-    return None if math.isnan(x) else round(x, 3)  # JSON has no NaN
-
-
-def _ms(seconds: float) -> float | None:
-    return _round(seconds * 1e3)
-
-
-def percentile(sorted_xs: list[float], q: float) -> float:
-    if not sorted_xs:
-        return math.nan
-    return sorted_xs[min(len(sorted_xs) - 1, int(q * len(sorted_xs)))]
-
-
-@dataclass
-class Recorder:
-    latencies_s: list[float] = field(default_factory=list)  # one per successful call
-    errors: dict[str, int] = field(default_factory=dict)  # exception type -> count
-    stopping: bool = False  # set at the end of a window: agents make no new calls
-    num_stuck: int = 0  # agents whose in-flight call did not finish within the drain
-
-    def num_errors(self) -> int:
-        return sum(self.errors.values())
-
-    def num_calls(self) -> int:
-        return len(self.latencies_s) + self.num_errors()
-
-    def error(self, exc: BaseException) -> None:
-        kind = type(exc).__name__
-        self.errors[kind] = self.errors.get(kind, 0) + 1
 
 
 class BenchAgent:
@@ -341,10 +209,10 @@ async def measure(variant: str, num_agents: int, plan: Plan, rec: Recorder,
     row = {"variant": variant, "agents": num_agents, "turns": plan.turns, "calls": calls,
            "seconds": round(snap.seconds, 3),
            "requests_per_s": round(len(lat) / snap.seconds, 1),
-           "latency_ms_p50": _ms(percentile(lat, 0.5)),
-           "latency_ms_p99": _ms(percentile(lat, 0.99)),
-           "cpu_ms_per_call": _round(snap.cpu_s * per_call),
-           "server_cpu_ms_per_call": _round(snap.server_cpu_s * per_call),
+           "latency_ms_p50": to_ms(percentile(lat, 0.5)),
+           "latency_ms_p99": to_ms(percentile(lat, 0.99)),
+           "cpu_ms_per_call": round3(snap.cpu_s * per_call),
+           "server_cpu_ms_per_call": round3(snap.server_cpu_s * per_call),
            "peak_rss_mb": round(peak_rss_mb(), 1), "errors": snap.num_errors,
            "capped": snap.capped}
     if rec.errors:
@@ -502,13 +370,6 @@ def floor_bodies(tokenizer, turns: int, max_tokens: int, reply: str) -> list[lis
     return out
 
 
-def raise_fd_limit() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = hard if hard != resource.RLIM_INFINITY else 65536
-    if soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--agents", default="1,64,512,4096", help="comma-separated concurrencies")
@@ -527,7 +388,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "client costs ~20-60 ms of CPU, so 4096 agents take minutes to start")
     p.add_argument("--profile", default=None, help="cProfile this variant, stats to stderr")
     p.add_argument("--quick", action="store_true", help="tiny run for smoke tests")
-    p.add_argument("--serve", default=None, help=argparse.SUPPRESS)  # child process mode
     args = p.parse_args(argv)
     args.agents = [int(a) for a in args.agents.split(",")]
     args.variants = [v for v in VARIANTS if v in args.variants.split(",")]
@@ -591,20 +451,8 @@ async def run_concurrency(bench: Bench, variants: list[str], num_agents: int) ->
     return rows
 
 
-def run_async(coro: Awaitable) -> object:
-    """On uvloop when installed (like the trainer), else the default asyncio loop."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.serve is not None:
-        run_async(serve(json.loads(args.serve)))
-        return 0
     rows = run_async(run_benchmark(args))
     return 1 if any(r["errors"] for r in rows) else 0
 
