@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
+import random
 import time
 
 import pytest
@@ -554,3 +556,49 @@ async def test_stats_count_steps_tokens_and_reused_prefill(engine):
     assert metrics["engine/mean_decode_rows"] == 0.5  # step 1 only prefills; step 2 decodes
     assert metrics["engine/prefill_reuse_frac"] == pytest.approx(20 / 21)
     assert 0 < metrics["engine/busy_frac"] <= 1
+
+
+async def test_hundreds_of_requests_churning_through_a_small_batch(model, tok, prompts):
+    """300 coroutines share a 16-row batch: requests queue, join and leave between steps,
+    every third is cancelled after a random number of its tokens (streamed). Every
+    request that finishes equals its greedy run alone; nothing is left behind."""
+    rng = random.Random(0)
+    async with LocalEngine(model, tokenizer=tok, max_batch_size=16) as eng:
+        alone = [(await eng.generate(req(p, rid=f"alone{i}", max_new_tokens=8))).output_ids
+                 for i, p in enumerate(prompts)]
+        start = eng.stats
+        widest, done, cancelled = 0, [], 0
+
+        async def client(k: int) -> None:
+            nonlocal widest, cancelled
+            i = k % len(prompts)
+            r = req(prompts[i], rid=f"c{k}", max_new_tokens=8)
+            if k % 3:
+                done.append((i, (await eng.generate(r)).output_ids))
+                widest = max(widest, eng.num_running)
+                return
+            keep = rng.randrange(1, 8)  # leave after this many chunks (if not done by then)
+            got: list[int] = []
+            async with contextlib.aclosing(eng.stream(r)) as chunks:
+                async for chunk in chunks:
+                    got += chunk.output_ids
+                    if chunk.finish_reason is not None:
+                        done.append((i, got))
+                        return
+                    if len(got) >= keep:
+                        cancelled += 1
+                        return
+
+        async with asyncio.timeout(240):
+            await asyncio.gather(*[client(k) for k in range(300)])
+        assert len(done) + cancelled == 300 and cancelled > 50
+        assert all(out == alone[i] for i, out in done)
+        assert 1 < widest <= 16
+        for _ in range(100):  # the cancelled rows go at the next step
+            if eng.num_running == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert eng.num_running == 0 and eng.num_waiting == 0 and eng._batch.kv.rows == 0
+        stats = eng.stats
+        assert stats.generated_tokens - start.generated_tokens >= sum(len(o) for _, o in done)
+        assert stats.prompt_tokens - start.prompt_tokens >= sum(len(prompts[i]) for i, _ in done)
