@@ -69,7 +69,8 @@ class RunningBatch:
         self.prefix_cache = prefix_cache  # KV of recent prompts (engine/prefix.py)
         # one pass for several KV batches (engine/fused.py); None: the model's own forward
         self.fused = FusedForward.for_model(model) if fused else None
-        self.stats = EngineStats()  # totals; read by the loop thread between steps
+        self._counts = EngineStats()  # totals, updated during a step (step thread only)
+        self.stats = EngineStats()  # a copy of them published after each step (any thread)
 
     def clear(self) -> None:
         self.kv.clear()
@@ -77,7 +78,7 @@ class RunningBatch:
 
     def step(self, admit: list[Seq], version: int) -> list[tuple[Seq, TokenChunk]]:
         """Advance the batch by one token per request (see module docstring)."""
-        start, stats = time.perf_counter(), self.stats
+        start, stats = time.perf_counter(), self._counts
         with torch.inference_mode():
             self._remove({r for r, s in enumerate(self.seqs) if s.cancelled})
             parts: list[tuple[PaddedKV, list[list[int]]]] = []
@@ -101,6 +102,7 @@ class RunningBatch:
         stats.steps += 1
         stats.generated_tokens += len(events)
         stats.busy_s += time.perf_counter() - start
+        self.stats = stats.copy()  # one assignment: readers never see half a step
         return events
 
     def _remove(self, rows: set[int]) -> None:
@@ -140,7 +142,7 @@ class RunningBatch:
         hit = self._start_from_cache(kv, seqs, shared)
         if shared > hit:
             self._forward(kv, [prompts[0][hit:shared]])
-            self.stats.prefill_tokens += shared - hit
+            self._counts.prefill_tokens += shared - hit
             self._remember(kv, prompts[0][:shared])
         kv.broadcast_first_row(len(seqs))
         return kv, rows

@@ -127,7 +127,8 @@ class LocalEngine:
 
     @property
     def stats(self) -> EngineStats:
-        """A copy of the totals counted since start (engine/stats.py)."""
+        """A copy of the totals counted since start, as of the last finished step
+        (engine/stats.py)."""
         return self._batch.stats.copy()
 
     async def start(self) -> None:
