@@ -13,11 +13,21 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from areal_lite.engine.base import ContextLengthExceeded, Engine, EngineError, EngineUnavailable
+from areal_lite.engine.base import (
+    ContextLengthExceeded,
+    Engine,
+    EngineError,
+    EngineUnavailable,
+)
 from areal_lite.engine.fake_sglang import FakeSGLangServer
 from areal_lite.engine.routing import SessionRouter
 from areal_lite.engine.sglang import SGLangEngine
-from areal_lite.engine.sglang_wire import error_for_status, parse_stream_event, sampling_body
+from areal_lite.engine.sglang_wire import (
+    error_for_status,
+    parse_stream_event,
+    sampling_body,
+)
+from areal_lite.engine.stats import EngineStats, engine_metrics
 from areal_lite.types import GenerateRequest, GenerateResult, SamplingParams
 
 EOS = 2
@@ -430,3 +440,24 @@ def test_router_prefers_idle_and_avoids_failed():
     assert router.fallback("c", ["u0"]) == "u1"  # only server this request did not try
     now[0] = 6.0
     assert router.healthy("u1") and router.pick(None) == "u1"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_stats_count_tokens_and_the_servers_prefix_reuse(http, stream):
+    ids = list(range(10, 50))  # 40 tokens: the fake caches 16-token blocks
+    async with fakes() as [fake]:
+        eng = engine(http, [fake], max_context_len=4096)
+        assert eng.stats == EngineStats(step_counts=False)
+        for rid in ("a", "b"):
+            r = request(rid=rid, ids=ids, seed=1, max_new_tokens=6)
+            if stream:
+                [c async for c in eng.stream(r)]
+            else:
+                await eng.generate(r)
+        stats = eng.stats
+    assert stats.generated_tokens == 12 and stats.prompt_tokens == 80
+    assert stats.prefill_tokens == 80 - 32  # the second call found two blocks cached
+    assert stats.steps == stats.decode_tokens == 0 and stats.busy_s == 0
+    metrics = engine_metrics(EngineStats(step_counts=False), stats, wall_s=2.0)
+    assert metrics == {"engine/gen_tokens_per_s": 6.0,
+                       "engine/prefill_reuse_frac": pytest.approx(32 / 80)}

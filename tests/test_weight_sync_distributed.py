@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 
 import aiohttp
 import pytest
@@ -186,6 +187,10 @@ async def test_trainer_one_step_broadcasts_to_fake_server(tiny_model_dir, tiny_t
         await trainer.atrain()
         st = fake.state
     assert trainer.version == 1 and st.weight_version == "1"
+    [row] = [json.loads(line) for line in
+             (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert row["engine/gen_tokens_per_s"] > 0 and 0 <= row["engine/prefill_reuse_frac"] <= 1
+    assert "engine/busy_frac" not in row  # the servers' steps are not seen by the client
     assert st.calls["/init_weights_update_group"] == 1
     assert st.calls["/update_weights_from_distributed"] == 1
     assert st.calls["/destroy_weights_update_group"] == 1 and st.groups == {}

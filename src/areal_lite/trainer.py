@@ -131,9 +131,9 @@ class Trainer:
         return row
 
     def _engine_metrics(self, engine) -> dict[str, float]:
-        """The local engine's work since the previous call (engine/stats.py): every token
-        it generated since the last step's metrics, evaluation included. {} for engines
-        that keep no totals (SGLang)."""
+        """The engine's work since the previous call (engine/stats.py): every token it
+        generated since the last step's metrics, evaluation included. {} for an engine
+        that keeps no totals."""
         stats = getattr(engine, "stats", None)
         if not isinstance(stats, EngineStats):
             return {}

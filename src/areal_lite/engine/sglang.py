@@ -33,7 +33,9 @@ from areal_lite.engine.sglang_wire import (
     generate_body,
     parse_generate,
     parse_stream_event,
+    sse_data,
 )
+from areal_lite.engine.stats import EngineStats
 from areal_lite.types import GenerateRequest, GenerateResult, TokenChunk
 
 __all__ = ["SGLangEngine"]
@@ -99,6 +101,7 @@ class SGLangEngine:
                                      timeout_s=control_timeout_s,
                                      connect_timeout_s=connect_timeout_s)
         self.server_weight_versions: dict[str, str] = {}  # url -> last meta_info version
+        self._stats = EngineStats(step_counts=False)  # from responses (engine/stats.py)
         self._version = initial_version
         self._paused_version = initial_version  # live version when the pause began
         self._paused = False
@@ -164,6 +167,12 @@ class SGLangEngine:
     @property
     def paused(self) -> bool:
         return self._paused
+
+    @property
+    def stats(self) -> EngineStats:
+        """A copy of the totals seen in responses: tokens generated, prompt tokens sent
+        and the servers' `cached_tokens` (no steps or busy time: they are the servers')."""
+        return self._stats.copy()
 
     @property
     def tp_size(self) -> int:
@@ -337,11 +346,13 @@ class SGLangEngine:
                         raise _Retryable(f"HTTP {resp.status}: {raw[:300]!r}")
                     raise error_for_status(resp.status, raw, url)
                 if stream:
-                    async for seg in self._sse_segments(resp, run):
-                        yield seg
+                    async with aclosing(self._sse_segments(resp, run)) as segments:
+                        async for seg in segments:
+                            yield seg
                 else:
                     seg = parse_generate(await resp.read())
                     self._note(run, seg)
+                    self._count_prompt(seg)
                     run.generated.extend(seg.output_ids)
                     yield seg
             run.rid = None
@@ -357,29 +368,33 @@ class SGLangEngine:
 
     async def _sse_segments(self, resp: aiohttp.ClientResponse, run: _Run
                             ) -> AsyncIterator[Segment]:
-        num_seen = 0
-        buf = bytearray()
-        async for piece in resp.content.iter_any():
-            buf += piece
-            while (i := buf.find(b"\n")) >= 0:
-                line = bytes(buf[:i]).rstrip(b"\r")
-                del buf[:i + 1]
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    return
-                delta = parse_stream_event(data, num_seen)
-                num_seen = delta.num_seen
-                self._note(run, delta.segment)
-                run.generated.extend(delta.segment.output_ids)
-                yield delta.segment
+        num_seen, counts = 0, None  # counts: the last event that carried prompt counts
+        try:
+            async with aclosing(sse_data(resp)) as events:
+                async for data in events:
+                    delta = parse_stream_event(data, num_seen)
+                    num_seen = delta.num_seen
+                    self._note(run, delta.segment)
+                    if delta.segment.prompt_tokens is not None:
+                        counts = delta.segment
+                    run.generated.extend(delta.segment.output_ids)
+                    yield delta.segment
+        finally:
+            self._count_prompt(counts)
 
     def _note(self, run: _Run, seg: Segment) -> None:
+        self._stats.generated_tokens += len(seg.output_ids)
         if run.cached is None and seg.prompt_tokens is not None:
             run.cached = seg.cached_tokens
         if seg.weight_version is not None:
             self.server_weight_versions[run.url] = seg.weight_version
+
+    def _count_prompt(self, seg: Segment | None) -> None:
+        """Count one /generate call's prompt as its last event reported it (a server may
+        send `cached_tokens` only with the final event)."""
+        if seg is not None and seg.prompt_tokens is not None:
+            self._stats.prompt_tokens += seg.prompt_tokens
+            self._stats.prefill_tokens += seg.prompt_tokens - seg.cached_tokens
 
     async def _prepare_retry(self, run: _Run, err: _Retryable) -> None:
         """Record a failed attempt; pick the next server or give up."""

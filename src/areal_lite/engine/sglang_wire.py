@@ -1,4 +1,5 @@
-"""engine/ SGLang wire format: request bodies and response parsing (pure, no I/O).
+"""engine/ SGLang wire format: request bodies and response parsing (no connections of
+its own: `sse_data` only splits the stream of a response it is handed).
 
 The HTTP client (`sglang.py`) builds every `/generate` body here and decodes every
 reply here, so the mapping to the protocol in `shared/sglang_protocol.md` lives in one
@@ -7,6 +8,7 @@ place and can be tested without a server.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -201,3 +203,19 @@ def error_for_status(status: int, raw: bytes, url: str) -> EngineError:
     if status == 401:
         return EngineError(f"{url}: unauthorized ({msg}); check the engine's api_key")
     return EngineError(f"{url} answered HTTP {status}: {msg}")
+
+
+async def sse_data(resp) -> AsyncIterator[bytes]:
+    """The `data:` payloads of a server-sent-events response (an aiohttp response), up to
+    `[DONE]`."""
+    buf = bytearray()
+    async for piece in resp.content.iter_any():
+        buf += piece
+        while (i := buf.find(b"\n")) >= 0:
+            line = bytes(buf[:i]).rstrip(b"\r")
+            del buf[:i + 1]
+            if line.startswith(b"data:"):
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    return
+                yield data

@@ -1,6 +1,7 @@
-"""Local engine internals: what the engine did, counted by the step thread.
+"""What an engine did: totals it counts, and the per-step metrics the trainer logs.
 
-`EngineStats` holds running totals since the engine started. The trainer takes a copy at
+`EngineStats` holds running totals since the engine started (the local engine counts its
+steps; the SGLang client counts what the responses say). The trainer takes a copy at
 every RL step's metrics and logs the difference from the previous one (`engine_metrics`:
 all the engine did in between, evaluation included), so a run's metrics show how busy
 the engine was, how many rows a decode step carried, and how much prompt prefill the
@@ -14,7 +15,8 @@ from dataclasses import dataclass, replace
 
 @dataclass
 class EngineStats:
-    """Totals since the engine started (written by the step thread only)."""
+    """Totals since the engine started (written by one thread: the local engine's step
+    thread, or the SGLang client's event loop)."""
 
     steps: int = 0  # forward passes of the running batch (each decodes and/or prefills)
     busy_s: float = 0.0  # wall time spent inside steps
@@ -22,6 +24,8 @@ class EngineStats:
     generated_tokens: int = 0  # every sampled token (decode + each admitted row's first)
     prompt_tokens: int = 0  # prompt tokens of the admitted requests
     prefill_tokens: int = 0  # of those, the ones run through the model (rest: reused KV)
+    step_counts: bool = True  # False: counted from responses (SGLang); steps, busy_s and
+    # decode_tokens then stay 0 and engine_metrics leaves their metrics out
 
     def copy(self) -> EngineStats:
         return replace(self)
@@ -33,11 +37,11 @@ def engine_metrics(before: EngineStats, after: EngineStats, wall_s: float) -> di
     prompt = after.prompt_tokens - before.prompt_tokens
     prefill = after.prefill_tokens - before.prefill_tokens
     wall = max(wall_s, 1e-9)
-    return {
-        "engine/steps": float(steps),
-        "engine/busy_frac": min(1.0, (after.busy_s - before.busy_s) / wall),
-        "engine/gen_tokens_per_s": (after.generated_tokens - before.generated_tokens) / wall,
-        "engine/mean_decode_rows": ((after.decode_tokens - before.decode_tokens) / steps
-                                    if steps else 0.0),
-        "engine/prefill_reuse_frac": 1.0 - prefill / prompt if prompt else 0.0,
-    }
+    out = {"engine/gen_tokens_per_s": (after.generated_tokens - before.generated_tokens) / wall,
+           "engine/prefill_reuse_frac": 1.0 - prefill / prompt if prompt else 0.0}
+    if after.step_counts:
+        out.update({"engine/steps": float(steps),
+                    "engine/busy_frac": min(1.0, (after.busy_s - before.busy_s) / wall),
+                    "engine/mean_decode_rows": ((after.decode_tokens - before.decode_tokens)
+                                                / steps if steps else 0.0)})
+    return out
