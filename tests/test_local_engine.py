@@ -577,7 +577,7 @@ async def test_hundreds_of_requests_churning_through_a_small_batch(model, tok, p
                 done.append((i, (await eng.generate(r)).output_ids))
                 widest = max(widest, eng.num_running)
                 return
-            keep = rng.randrange(1, 8)  # leave after this many chunks (if not done by then)
+            keep = rng.randrange(1, 8)  # leave after this many tokens (if not done by then)
             got: list[int] = []
             async with contextlib.aclosing(eng.stream(r)) as chunks:
                 async for chunk in chunks:

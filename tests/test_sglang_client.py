@@ -13,20 +13,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from areal_lite.engine.base import (
-    ContextLengthExceeded,
-    Engine,
-    EngineError,
-    EngineUnavailable,
-)
+from areal_lite.engine.base import ContextLengthExceeded, Engine, EngineError, EngineUnavailable
 from areal_lite.engine.fake_sglang import FakeSGLangServer
 from areal_lite.engine.routing import SessionRouter
 from areal_lite.engine.sglang import SGLangEngine
-from areal_lite.engine.sglang_wire import (
-    error_for_status,
-    parse_stream_event,
-    sampling_body,
-)
+from areal_lite.engine.sglang_wire import error_for_status, parse_stream_event, sampling_body
 from areal_lite.engine.stats import EngineStats, engine_metrics
 from areal_lite.types import GenerateRequest, GenerateResult, SamplingParams
 

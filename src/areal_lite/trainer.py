@@ -137,8 +137,9 @@ class Trainer:
         stats = getattr(engine, "stats", None)
         if not isinstance(stats, EngineStats):
             return {}
-        mark, self._engine_mark = self._engine_mark, (stats, time.perf_counter())
-        return engine_metrics(mark[0], stats, self._engine_mark[1] - mark[1]) if mark else {}
+        now = time.perf_counter()
+        mark, self._engine_mark = self._engine_mark, (stats, now)
+        return engine_metrics(mark[0], stats, now - mark[1]) if mark else {}
 
     def _shape_rewards(self, samples: list[Sample]) -> list[Sample]:
         algo, max_new = self.cfg.algorithm, self.cfg.rollout.sampling.max_new_tokens

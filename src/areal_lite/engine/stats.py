@@ -32,7 +32,7 @@ class EngineStats:
 
 
 def engine_metrics(before: EngineStats, after: EngineStats, wall_s: float) -> dict[str, float]:
-    """Metrics for the interval between two snapshots that `wall_s` seconds apart."""
+    """Metrics for the interval between two snapshots taken `wall_s` seconds apart."""
     steps = after.steps - before.steps
     prompt = after.prompt_tokens - before.prompt_tokens
     prefill = after.prefill_tokens - before.prefill_tokens
