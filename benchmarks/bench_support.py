@@ -51,7 +51,7 @@ def make_canned_app(body: bytes) -> web.Application:
 
 async def serve(spec: dict) -> None:
     """Child: serve the fake SGLang server and the canned endpoint until stdin closes."""
-    from areal_lite.engine.fake_sglang import FakeSGLangServer
+    from areal_lite.testing.fake_sglang.server import FakeSGLangServer
 
     reply_ids = spec["reply_ids"]
     async with FakeSGLangServer(vocab_size=spec["vocab_size"], eos_token_id=spec["eos"],

@@ -39,7 +39,7 @@ import time
 
 import torch
 
-from areal_lite.engine.local import LocalEngine
+from areal_lite.engine.local.engine import LocalEngine
 from areal_lite.models import load_causal_lm, load_tokenizer, resolve_model_dir
 from areal_lite.types import GenerateRequest, SamplingParams
 
@@ -141,7 +141,7 @@ def matmul_floor_ms(model, rows: int, device, repeats: int = 15) -> float:
 
 async def bench(args) -> None:
     if args.model == "tiny":
-        from areal_lite.tiny import make_tiny_model_dir
+        from areal_lite.testing.tiny import make_tiny_model_dir
 
         model_dir = make_tiny_model_dir(tempfile.mkdtemp(prefix="areal-lite-tiny-"))
     else:

@@ -231,7 +231,7 @@ class Bench:
 
     plan: Plan
     servers: Servers
-    stack: object  # areal_lite.stack.RolloutStack
+    stack: object  # areal_lite.rollout.stack.RolloutStack
     agent: BenchAgent
     floor_bodies: list[list[bytes]]  # [question][turn] -> pre-encoded /generate body
     canned_body: bytes  # the canned chat completion
@@ -245,7 +245,7 @@ class Bench:
                                   timeout=CALL_TIMEOUT_S)
 
     def controller(self, http_client, num_agents: int):
-        from areal_lite.rollout import RolloutController
+        from areal_lite.rollout.controller import RolloutController
 
         return RolloutController(self.stack.proxy, self.agent, http_client=http_client,
                                  episode_timeout_s=10 * CALL_TIMEOUT_S,
@@ -309,7 +309,7 @@ class Bench:
         return episode
 
     async def _floor_episode(self, es: contextlib.AsyncExitStack, rec: Recorder) -> EpisodeFn:
-        from areal_lite.engine.sglang_wire import parse_generate
+        from areal_lite.engine.sglang.wire import parse_generate
 
         connector = aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=60)
         session = await es.enter_async_context(aiohttp.ClientSession(connector=connector))
@@ -350,7 +350,7 @@ def print_profile(profiler, variant: str, num_agents: int, top: int = 60) -> Non
 
 def floor_bodies(tokenizer, turns: int, max_tokens: int, reply: str) -> list[list[bytes]]:
     """Per question, per turn: the /generate body the proxy would send (chat template)."""
-    from areal_lite.engine.sglang_wire import generate_body
+    from areal_lite.engine.sglang.wire import generate_body
     from areal_lite.types import GenerateRequest, SamplingParams
 
     stop = (tokenizer.eos_token_id,)
@@ -399,8 +399,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 async def run_benchmark(args: argparse.Namespace) -> list[dict]:
     from areal_lite.config_toml import loads_config
     from areal_lite.models import load_tokenizer
-    from areal_lite.stack import open_rollout
-    from areal_lite.tiny import make_tiny_model_dir
+    from areal_lite.rollout.stack import open_rollout
+    from areal_lite.testing.tiny import make_tiny_model_dir
 
     raise_fd_limit()
     rows = []

@@ -73,10 +73,10 @@ def synthetic_groups(vocab_size: int, *, num_groups: int, group_size: int,
 
 
 def bench_learner(model_dir: Path, args) -> None:
-    from areal_lite.algorithms import AlgorithmConfig
-    from areal_lite.learner import Learner, LearnerConfig
-    from areal_lite.logprobs import make_microbatches, padding_fraction
+    from areal_lite.config import AlgorithmConfig, LearnerConfig
     from areal_lite.models import load_causal_lm
+    from areal_lite.train.learner import Learner
+    from areal_lite.train.logprobs import make_microbatches, padding_fraction
 
     model = load_causal_lm(str(model_dir), device="cpu", dtype="float32")
     vocab = model.config.get_text_config(decoder=True).vocab_size
@@ -112,8 +112,8 @@ def plain_copy_s(sources: list[torch.Tensor], buffers: list[torch.Tensor]) -> fl
 
 
 async def _swap_times(model, repeats: int) -> list[float]:
-    from areal_lite.engine.local import LocalEngine
-    from areal_lite.weight_sync import swap_weights
+    from areal_lite.engine.local.engine import LocalEngine
+    from areal_lite.train.weight_sync import swap_weights
 
     times = []
     async with LocalEngine(copy.deepcopy(model).eval()) as engine:  # started: as in Trainer
@@ -126,8 +126,7 @@ async def _swap_times(model, repeats: int) -> list[float]:
 
 
 def bench_swap(model_dir: Path, repeats: int = 3) -> None:
-    from areal_lite.models import load_causal_lm
-    from areal_lite.weight_sync import named_weights
+    from areal_lite.models import load_causal_lm, named_weights
 
     model = load_causal_lm(str(model_dir), device="cpu", dtype="float32")
     sources = [t for _, t in named_weights(model)]
@@ -221,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     if str(REPO_ROOT) not in sys.path:  # the reference workflow lives in examples/
         sys.path.insert(0, str(REPO_ROOT))
     from areal_lite.models import resolve_model_dir
-    from areal_lite.tiny import make_tiny_model_dir
+    from areal_lite.testing.tiny import make_tiny_model_dir
 
     with tempfile.TemporaryDirectory(prefix="areal-lite-bench-") as tmp:
         model_path = str(make_tiny_model_dir(Path(tmp) / "tiny")) if args.model == "tiny" \

@@ -8,10 +8,10 @@ from collections.abc import Mapping, Sequence
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import forests, node
 
 from areal_lite.cache import InteractionCache, discount
 from areal_lite.types import CompletionNode
-from strategies import forests, node
 
 FAST = settings(max_examples=100, deadline=None)
 

@@ -21,7 +21,12 @@ from areal_lite.config import (
     RolloutConfig,
     run_path,
 )
-from areal_lite.config_toml import config_to_toml, load_config, loads_config, validate_config
+from areal_lite.config_toml import (
+    config_to_toml,
+    load_config,
+    loads_config,
+    validate_config,
+)
 
 SCHEMA = msgspec.inspect.type_info(ExperimentConfig)
 

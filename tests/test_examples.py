@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from areal_lite.config_toml import load_config
-from areal_lite.arithmetic import _is_eval_key
-from areal_lite.hostmem import limit_malloc_growth
+from areal_lite.data.arithmetic import _is_eval_key
+from areal_lite.runtime import limit_malloc_growth
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -68,7 +68,7 @@ async def test_math_agent_episode_through_the_proxy(tiny_model_dir, tmp_path):
     """One episode of the example agent against the tiny model: it runs, gets a reply and
     a reward in {0, 1}, and exports one sample whose prompt holds the worked example."""
     from areal_lite.config_toml import loads_config
-    from areal_lite.stack import open_rollout
+    from areal_lite.rollout.stack import open_rollout
 
     cfg = loads_config(f"""
 workflow = "examples.gsm8k.agent.MathAgent"

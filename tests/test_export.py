@@ -5,11 +5,16 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import caches
 
 from areal_lite.cache import InteractionCache
-from areal_lite.export import EXPORTERS, export_concat, export_episode, export_individual
+from areal_lite.export import (
+    EXPORTERS,
+    export_concat,
+    export_episode,
+    export_individual,
+)
 from areal_lite.types import CompletionNode, Sample
-from strategies import caches
 
 FAST = settings(max_examples=100, deadline=None)
 

@@ -17,7 +17,13 @@ from hypothesis import strategies as st
 
 from areal_lite import metrics as metrics_mod
 from areal_lite import metrics_plots
-from areal_lite.metrics import MetricsConfig, MetricsLogger, format_progress, plot_metrics, read_metrics
+from areal_lite.config import MetricsConfig
+from areal_lite.metrics import (
+    MetricsLogger,
+    format_progress,
+    plot_metrics,
+    read_metrics,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from areal_lite.config_toml import loads_config
-from areal_lite.producer import GroupProducer
+from areal_lite.rollout.producer import GroupProducer
 from areal_lite.trainer import Trainer
 
 
@@ -49,7 +49,7 @@ async def test_kill_and_resume_never_repeats_or_skips_a_prompt(tiny_model_dir, t
     trained twice, every cursor below the last one trained was trained or is recorded as
     unfinished in the final checkpoint (to be handed out first on the next restart), and
     the restarted run keeps the staleness bound from its first step."""
-    from areal_lite.checkpoint import load_latest_checkpoint
+    from areal_lite.train.checkpoint import load_latest_checkpoint
 
     trained: list[int] = []
     original_group, original_next = GroupProducer._group, GroupProducer.next_batch
@@ -80,3 +80,49 @@ async def test_kill_and_resume_never_repeats_or_skips_a_prompt(tiny_model_dir, t
     rows = [json.loads(line) for line in (second.run_dir / "metrics.jsonl").read_text().splitlines()]
     lags = [r["rollout/start_version_lag"] for r in rows if "rollout/start_version_lag" in r]
     assert len(lags) == 5 and max(lags) <= 1  # max_head_offpolicyness = 1, also after resume
+
+class ControllerBug(RuntimeError):
+    """Stands for a failure that escapes the episode boundary (a controller bug)."""
+
+
+async def test_a_failure_past_the_episode_boundary_ends_the_run_with_it(tiny_model_dir, tmp_path,
+                                                                         monkeypatch):
+    """A group task that raises (not an agent: the controller itself) fails train()
+    promptly with that exception and its traceback, instead of leaving next_batch waiting
+    forever; the other groups are cancelled and their sessions freed."""
+    import asyncio
+    import traceback
+
+    from areal_lite.rollout.controller import RolloutController
+
+    original = RolloutController.run_group
+    calls = {"n": 0}
+    controllers = []
+
+    async def flaky(self, row, n, **kwargs):
+        controllers.append(self)
+        calls["n"] += 1
+        if calls["n"] == 3:  # the first step's groups succeed, a later one breaks
+            raise ControllerBug("the controller broke")
+        return await original(self, row, n, **kwargs)
+
+    monkeypatch.setattr(RolloutController, "run_group", flaky)
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, "trainer.total_steps=50", "trainer.eval_every=0",
+                   "trainer.save_every=0", "rollout.max_head_offpolicyness=1")
+    trainer = Trainer(cfg)
+    with pytest.raises(ControllerBug, match="the controller broke") as info:
+        await asyncio.wait_for(trainer.atrain(), timeout=120)
+    assert trainer.step < 50
+    frames = [f.name for f in traceback.extract_tb(info.value.__traceback__)]
+    assert "flaky" in frames  # the failure's own traceback, not a wrapper's
+    assert controllers and all(len(c.proxy.sessions) == 0 for c in controllers)
+
+
+def test_train_errors_carry_no_false_event_loop_context(tiny_model_dir, tmp_path):
+    """An error raised while training is not reported "during handling of" the
+    RuntimeError that told train() no loop was running."""
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, "trainer.total_steps=1", "workflow=sample_agents.Nope")
+    with pytest.raises(Exception) as info:
+        Trainer(cfg).train()
+    assert "cannot import" in str(info.value) or "Nope" in str(info.value)
+    assert info.value.__context__ is None or "no running event loop" not in str(info.value.__context__)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from openai import AsyncOpenAI
 
-from areal_lite.rewards import RewardPool, math_reward
+from areal_lite.data.rewards import RewardPool, math_reward
 
 PROMPT = "{question}\nThink step by step, then put the final answer in \\boxed{{}}."
 

@@ -1,5 +1,9 @@
 """Command line: `areal-lite {train,rollout} config.toml [key=value ...]`.
 
+`rollout` runs one batch of groups through the proxy and prints what the trainer would
+receive: per group the prompt and episode rewards, per exported sample its token counts
+and (discounted) reward, and one sample decoded with its trained span marked.
+
 The only place that configures logging and picks the event loop (uvloop when
 installed, asyncio otherwise).
 """
@@ -8,21 +12,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
-from collections.abc import Coroutine
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
+from areal_lite.runtime import run_async
 
-def run_async(main: Coroutine[Any, Any, Any]) -> Any:
-    """Run `main` on uvloop when it is installed, else on the default asyncio loop."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main)
+if TYPE_CHECKING:
+    from areal_lite.config import ExperimentConfig
+    from areal_lite.types import Sample
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,13 +55,51 @@ def main(argv: list[str] | None = None) -> int:
         print(f"areal-lite: {e}", file=sys.stderr)
         return 2
     if args.command == "rollout":
-        from areal_lite.demo import rollout_demo
-
         return run_async(rollout_demo(cfg))
     from areal_lite.trainer import Trainer
 
     Trainer(cfg).train()
     return 0
+
+
+# ----------------------------------------------------------------- `rollout`
+
+def _show_sample(tokenizer, s: Sample) -> str:
+    first = s.loss_mask.index(1) if 1 in s.loss_mask else len(s.input_ids)
+    prompt = tokenizer.decode(s.input_ids[:first])
+    trained = tokenizer.decode(s.input_ids[first:])
+    return f"{prompt}[[trained>>]]{trained}"
+
+
+async def rollout_demo(cfg: ExperimentConfig, workflow=None) -> int:
+    """`areal-lite rollout`: one batch through the proxy, printed; 1 if every episode failed."""
+    from areal_lite.data.prompts import load_dataset_rows
+    from areal_lite.rollout.stack import open_rollout
+
+    rows = load_dataset_rows(cfg.data.train, split="train", seed=cfg.seed)[: cfg.rollout.batch_size]
+    start = time.perf_counter()
+    async with open_rollout(cfg, workflow) as stack:
+        groups = await asyncio.gather(*(stack.controller.run_group(r, cfg.rollout.group_size)
+                                        for r in rows))
+        stats = stack.controller.stats
+        proxy_stats = stack.proxy.stats()
+        tokenizer = stack.tokenizer
+    elapsed = time.perf_counter() - start
+    samples = [s for g in groups for s in g.samples]
+    for i, g in enumerate(groups):
+        rewards = [None if ep.reward is None else round(ep.reward, 3) for ep in g.episodes]
+        print(f"group {i}: {str(g.data.get('question', g.data))[:70]!r} rewards={rewards}")
+        for s in g.samples:
+            print(f"   sample {s.episode_id}: {len(s.input_ids)} tokens, "
+                  f"{sum(s.loss_mask)} trained, reward {s.reward:.3f}")
+    if samples:
+        print("\nfirst sample, decoded:\n" + _show_sample(tokenizer, samples[0]))
+    print(json.dumps({"groups": len(groups), "episodes": stats.num_episodes,
+                      "failed": stats.num_failed, "samples": len(samples),
+                      "output_tokens": sum(sum(s.loss_mask) for s in samples),
+                      "prefix_breaks": proxy_stats["prefix_breaks"],
+                      "seconds": round(elapsed, 2)}))
+    return 0 if stats.num_failed < stats.num_episodes else 1
 
 
 if __name__ == "__main__":

@@ -22,10 +22,6 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from areal_lite.algorithms import AlgorithmConfig
-from areal_lite.learner import LearnerConfig
-from areal_lite.metrics import MetricsConfig
-
 __all__ = [
     "ActorConfig",
     "AgentConfig",
@@ -66,6 +62,71 @@ NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
 Fraction = Annotated[float, msgspec.Meta(ge=0, le=1)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 ToolParser = Literal["auto", "hermes", "qwen", "llama3", "mistral", "none"]
+Beta = Annotated[float, msgspec.Meta(ge=0, lt=1)]  # an EMA/momentum coefficient
+
+
+class AlgorithmConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The `algorithm` section: how rewards become advantages and logprobs a loss.
+
+    Loss aggregation: token_mean = sum over loss tokens / loss tokens in the batch;
+    seq_mean_token_sum (Dr.GRPO) = sum over loss tokens / (sequences x max_new_tokens);
+    seq_mean_token_mean = mean over each sequence's tokens, then over sequences.
+    Behaviour weight cap: tokens whose pi_prox/pi_behav exceeds it are masked out (loss 0,
+    still counted in the normalizer).
+    """
+
+    adv_estimator: Literal["grpo", "dr_grpo", "rloo", "reinforce"] = "grpo"  # see module doc
+    reinforce_baseline: bool = False  # reinforce only: subtract the batch mean episode reward
+    loss_agg: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"] = "token_mean"  # see above
+    clip_eps_low: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.2  # ratio clipped below at 1 - this
+    clip_eps_high: NonNegFloat = 0.2  # ... and above at 1 + this; 0.28 = DAPO clip-higher
+    behav_imp_weight_cap: NonNegFloat = 5.0  # max pi_prox/pi_behav per token (>= 1); 0 = no cap
+    kl_coef: NonNegFloat = 0.0  # weight of the KL penalty to a frozen reference; 0 = no reference
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # per-token estimator of KL(pi || ref)
+    dynamic_filtering: bool = False  # drop groups whose rewards are all equal (DAPO)
+    overlong_buffer_len: Annotated[int, msgspec.Meta(ge=0)] = 0  # tokens of soft overlong ramp; 0 = off
+    overlong_penalty_factor: NonNegFloat = 1.0  # penalty at the length limit, in reward units
+    eps: Annotated[float, msgspec.Meta(gt=0)] = 1e-6  # added to the group std in grpo (reward units)
+
+
+
+class LearnerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The `train` section: optimizer, learning-rate schedule, micro-batches, PPO updates."""
+
+    lr: PosFloat = 1e-6  # peak AdamW learning rate (reached after warmup)
+    weight_decay: NonNegFloat = 0.0  # AdamW decoupled weight decay coefficient
+    adam_betas: tuple[Beta, Beta] = (0.9, 0.999)  # AdamW moment decay rates, each in [0, 1)
+    adam_eps: PosFloat = 1e-8  # AdamW denominator epsilon
+    grad_clip: NonNegFloat = 1.0  # max global L2 norm of the gradient; 0 = no clipping
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"  # decay after warmup
+    warmup_steps: NonNegInt = 0  # train steps of linear warmup from lr / warmup_steps up to lr
+    total_steps: NonNegInt = 0  # train steps by which cosine/linear decay reaches 0; 0 = no decay
+    max_tokens_per_microbatch: PosInt = 4096  # padded tokens (rows x longest row) per forward
+    packing: bool = True  # sort by length and fill micro-batches up to the token budget
+    ppo_epochs: PosInt = 1  # passes over each batch
+    num_minibatches: PosInt = 1  # optimizer steps per pass (the batch is split in this many)
+    recompute_proximal: bool = True  # proximal logprobs from current weights; False = behaviour
+    # bfloat16 on a CPU with AMX/AVX512-BF16 trains ~2x faster than float32 here
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # autocast; auto = bf16 on CUDA only
+
+    def __post_init__(self) -> None:
+        if self.total_steps and self.lr_schedule != "constant" and self.total_steps <= self.warmup_steps:
+            raise ValueError(f"train.total_steps must be > train.warmup_steps for a decay "
+                             f"schedule, got {self.total_steps} <= {self.warmup_steps}")
+
+
+
+class MetricsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What the run shows and where (`[metrics]` section)."""
+
+    jsonl: bool = True  # append every logged step to {run_dir}/metrics.jsonl
+    tensorboard: bool = False  # also write TensorBoard events to {run_dir}/tensorboard
+    wandb: bool = False  # also log to Weights & Biases (needs `pip install wandb`)
+    wandb_project: str = "areal-lite"  # W&B project the run is logged under
+    plots: bool = True  # write PNG curves into the run directory when plot() is called
+    progress: bool = True  # show a one-line progress display on stderr
+    log_every: Annotated[int, msgspec.Meta(ge=1)] = 1  # write every N-th step (eval steps always)
+
 
 
 class ActorConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -25,14 +25,14 @@ import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Annotated, Any, TextIO
+from typing import Any, TextIO
 
 import msgspec
 
+from areal_lite.config import MetricsConfig
 from areal_lite.metrics_plots import PLOTS, plot_metrics
 
 __all__ = [
-    "MetricsConfig",
     "MetricsLogger",
     "PLOTS",
     "PROGRESS_KEYS",
@@ -53,16 +53,6 @@ PROGRESS_KEYS: tuple[tuple[str, str], ...] = (
 _RESERVED_KEYS = ("step", "time")  # written by log() itself
 
 
-class MetricsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """What the run shows and where (`[metrics]` section)."""
-
-    jsonl: bool = True  # append every logged step to {run_dir}/metrics.jsonl
-    tensorboard: bool = False  # also write TensorBoard events to {run_dir}/tensorboard
-    wandb: bool = False  # also log to Weights & Biases (needs `pip install wandb`)
-    wandb_project: str = "areal-lite"  # W&B project the run is logged under
-    plots: bool = True  # write PNG curves into the run directory when plot() is called
-    progress: bool = True  # show a one-line progress display on stderr
-    log_every: Annotated[int, msgspec.Meta(ge=1)] = 1  # write every N-th step (eval steps always)
 
 
 # ---------------------------------------------------------------- reading

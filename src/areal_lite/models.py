@@ -224,3 +224,8 @@ def stop_token_ids(model, tokenizer) -> frozenset[int]:
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         return frozenset([tokenizer.eos_token_id])
     return frozenset()
+
+
+def named_weights(model) -> list[tuple[str, torch.Tensor]]:
+    """The model's parameters and persistent buffers by state-dict name, detached."""
+    return [(name, t.detach()) for name, t in model.state_dict(keep_vars=True).items()]

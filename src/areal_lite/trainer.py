@@ -4,6 +4,12 @@
 runs the whole loop in one process: the rollout side (engine, proxy, agents) on the
 event loop, the learner's forward/backward in a worker thread so rollouts keep going
 while the policy trains (asynchronous RL, bounded by rollout.max_head_offpolicyness).
+
+Supervision: the producer (and every group task it starts) and the step loop live in
+one `asyncio.TaskGroup`. An exception that escapes the episode boundary (a bug in the
+controller, an engine error past its retries) cancels the rest, aborting the engine
+requests in flight and freeing their sessions, and `train()` raises that exception
+with its own traceback instead of waiting forever for a batch.
 """
 
 from __future__ import annotations
@@ -12,26 +18,45 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from areal_lite.algorithms import overlong_penalty
-from areal_lite.checkpoint import load_latest_checkpoint, restore_rng, save_checkpoint
 from areal_lite.config import ExperimentConfig, run_path
 from areal_lite.config_toml import config_to_toml, load_config, validate_config
-from areal_lite.data import PromptStream, load_dataset_rows
+from areal_lite.data.prompts import PromptStream, load_dataset_rows
+from areal_lite.engine.sglang.weight_group import WeightGroup
 from areal_lite.engine.stats import EngineStats, engine_metrics
-from areal_lite.hostmem import limit_malloc_growth
-from areal_lite.learner import Learner
 from areal_lite.metrics import MetricsLogger
-from areal_lite.producer import GroupProducer
-from areal_lite.rollout import GroupResult, RolloutController
-from areal_lite.stack import open_rollout, resolve_device
+from areal_lite.rollout.controller import GroupResult, RolloutController
+from areal_lite.rollout.producer import GroupProducer
+from areal_lite.rollout.stack import RolloutStack, open_rollout, resolve_device
+from areal_lite.runtime import limit_malloc_growth, run_async
+from areal_lite.train.algorithms import overlong_penalty
+from areal_lite.train.checkpoint import (
+    load_latest_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from areal_lite.train.learner import Learner
+from areal_lite.train.weight_sync import WeightSync, make_weight_sync
 from areal_lite.types import Sample
-from areal_lite.weight_group import WeightGroup
-from areal_lite.weight_sync import swap_weights
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Run:
+    """The parts of one run, built once by `atrain` and handed to every stage."""
+
+    stack: RolloutStack
+    learner: Learner
+    model: Any  # the learner's torch.nn.Module (fp32 master weights)
+    prompts: PromptStream
+    producer: GroupProducer
+    metrics: MetricsLogger
+    sync: WeightSync  # (model, version) -> seconds generation was paused
+    eval_rows: list[dict]
 
 
 class Trainer:
@@ -43,80 +68,104 @@ class Trainer:
         self.run_dir = run_path(self.cfg)
         self.version = 0  # weight version in the engine
         self.step = 0  # RL steps done
-        self.weight_group: WeightGroup | None = None  # open while training, "distributed" only
         self._engine_mark: tuple[EngineStats, float] | None = None  # totals at the last step
 
     def train(self, workflow: Any = None) -> dict[str, float]:
         """Run the loop to `trainer.total_steps`; returns the last step's metrics."""
-        from areal_lite.cli import run_async
-
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return run_async(self.atrain(workflow))
-        raise RuntimeError("Trainer.train() was called inside an event loop; "
-                           "use `await trainer.atrain(workflow)` there")
+            pass  # no loop running: the normal case (run outside this handler, so errors
+            # raised while training carry no "no running event loop" context)
+        else:
+            raise RuntimeError("Trainer.train() was called inside an event loop; "
+                               "use `await trainer.atrain(workflow)` there")
+        return run_async(self.atrain(workflow))
 
     async def atrain(self, workflow: Any = None) -> dict[str, float]:
+        """`train` for callers already inside an event loop."""
+        try:
+            return await self._atrain(workflow)
+        except BaseExceptionGroup as group:
+            failure: BaseException = group
+            while isinstance(failure, BaseExceptionGroup) and len(failure.exceptions) == 1:
+                failure = failure.exceptions[0]  # the supervisors' one failure, unwrapped
+            if failure is group:
+                raise
+            raise failure from None
+
+    async def _atrain(self, workflow: Any) -> dict[str, float]:
         cfg = self.cfg
         limit_malloc_growth()  # engine + learner threads fragment glibc arenas otherwise
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.toml").write_text(config_to_toml(cfg))
         async with open_rollout(cfg, workflow) as stack, contextlib.AsyncExitStack() as exits:
-            learner, model = await asyncio.to_thread(self._make_learner, stack.model_dir)
-            sglang = cfg.rollout.sglang
-            if cfg.rollout.backend == "sglang" and sglang.weight_update == "distributed":
-                self.weight_group = await exits.enter_async_context(
-                    WeightGroup(stack.engine, sglang))  # the servers join it now
-            prompts = PromptStream(load_dataset_rows(cfg.data.train, split="train", seed=cfg.seed),
-                                   batch_size=cfg.rollout.batch_size, seed=cfg.seed)
-            eval_rows = self._eval_rows()
-            await self._resume(stack, learner, model, prompts)
-            producer = GroupProducer(stack.controller, prompts, batch_size=cfg.rollout.batch_size,
-                                     group_size=cfg.rollout.group_size,
-                                     max_head_offpolicyness=cfg.rollout.max_head_offpolicyness,
-                                     version=lambda: self.version,
-                                     consumed=self.step * cfg.rollout.batch_size)
-            metrics = exits.enter_context(MetricsLogger(self.run_dir, cfg.metrics,
-                                                        start_step=self.step))
-            self._engine_metrics(stack.engine)  # mark the start
-            producing = asyncio.create_task(producer.run())
-            exits.push_async_callback(_cancel, producing)
-            last: dict[str, float] = {}
-            if self.step == 0 and cfg.trainer.eval_every and eval_rows:
-                last = await self._evaluate(stack.controller, eval_rows)
-                metrics.log(0, last)
-            while self.step < cfg.trainer.total_steps:
-                last = await self._step(stack, learner, model, producer, metrics)
-                if cfg.trainer.eval_every and eval_rows and (
-                        self.step % cfg.trainer.eval_every == 0 or self.step == cfg.trainer.total_steps):
-                    evals = await self._evaluate(stack.controller, eval_rows)
-                    metrics.log(self.step, evals)
-                    last.update(evals)
-                    metrics.plot()
-                if self.step == cfg.trainer.total_steps or (
-                        cfg.trainer.save_every and self.step % cfg.trainer.save_every == 0):
-                    await self._save(stack, learner, model, prompts, producer)
-            metrics.plot()
+            run = await self._open_run(stack, exits)
+            async with asyncio.TaskGroup() as tasks:
+                producing = tasks.create_task(run.producer.run(), name="group-producer")
+                try:
+                    last = await self._loop(run)
+                finally:
+                    producing.cancel()  # every running group is cancelled with it
+            run.metrics.plot()
             return last
+
+    async def _open_run(self, stack: RolloutStack, exits: contextlib.AsyncExitStack) -> _Run:
+        cfg = self.cfg
+        learner, model = await asyncio.to_thread(self._make_learner, stack.model_dir)
+        group = None
+        if cfg.rollout.backend == "sglang" and cfg.rollout.sglang.weight_update == "distributed":
+            group = await exits.enter_async_context(
+                WeightGroup(stack.engine, cfg.rollout.sglang))  # the servers join it now
+        sync = make_weight_sync(cfg.rollout, stack.engine, scratch_dir=self.run_dir, group=group)
+        prompts = PromptStream(load_dataset_rows(cfg.data.train, split="train", seed=cfg.seed),
+                               batch_size=cfg.rollout.batch_size, seed=cfg.seed)
+        eval_rows = self._eval_rows()
+        await self._resume(learner, model, prompts, sync)
+        producer = GroupProducer(stack.controller, prompts, batch_size=cfg.rollout.batch_size,
+                                 group_size=cfg.rollout.group_size,
+                                 max_head_offpolicyness=cfg.rollout.max_head_offpolicyness,
+                                 version=lambda: self.version,
+                                 consumed=self.step * cfg.rollout.batch_size)
+        metrics = exits.enter_context(MetricsLogger(self.run_dir, cfg.metrics, start_step=self.step))
+        self._engine_metrics(stack.engine)  # mark the start
+        return _Run(stack=stack, learner=learner, model=model, prompts=prompts,
+                    producer=producer, metrics=metrics, sync=sync, eval_rows=eval_rows)
+
+    async def _loop(self, run: _Run) -> dict[str, float]:
+        """Steps to total_steps, with evals and checkpoints on their schedules."""
+        t = self.cfg.trainer
+        last: dict[str, float] = {}
+        if self.step == 0 and t.eval_every and run.eval_rows:
+            last = await self._evaluate(run.stack.controller, run.eval_rows)
+            run.metrics.log(0, last)
+        while self.step < t.total_steps:
+            last = await self._step(run)
+            if t.eval_every and run.eval_rows and (
+                    self.step % t.eval_every == 0 or self.step == t.total_steps):
+                evals = await self._evaluate(run.stack.controller, run.eval_rows)
+                run.metrics.log(self.step, evals)
+                last.update(evals)
+                run.metrics.plot()
+            if self.step == t.total_steps or (t.save_every and self.step % t.save_every == 0):
+                await self._save(run)
+        return last
 
     # --- one RL step -----------------------------------------------------------------
 
-    async def _step(self, stack, learner: Learner, model, producer: GroupProducer,
-                    metrics: MetricsLogger) -> dict[str, float]:
-        cfg = self.cfg
+    async def _step(self, run: _Run) -> dict[str, float]:
         t0 = time.perf_counter()
-        groups, start_versions = await producer.next_batch()
+        groups, start_versions = await run.producer.next_batch()
         t1 = time.perf_counter()
         samples = [self._shape_rewards(g.samples) for g in groups]
-        stats = await asyncio.to_thread(learner.train_step, samples, current_version=self.version)
+        stats = await asyncio.to_thread(run.learner.train_step, samples, current_version=self.version)
         t2 = time.perf_counter()
-        paused_s = await self._swap(stack, model, self.version + 1)
+        paused_s = await run.sync(run.model, self.version + 1)
         self.version += 1
         self.step += 1
-        await producer.notify()
+        await run.producer.notify()
         row = {**{f"train/{k}": v for k, v in stats.items()},
-               **_rollout_metrics(groups, stack.controller, producer),
+               **_rollout_metrics(groups, run.stack.controller, run.producer),
                "reward/mean": _mean([ep.reward for g in groups for ep in g.episodes
                                      if ep.reward is not None]),
                "rollout/staleness": stats.get("staleness", 0.0),
@@ -125,18 +174,16 @@ class Trainer:
                "time/generation_s": t1 - t0, "time/update_s": t2 - t1,
                "time/weight_swap_s": paused_s, "time/step_s": time.perf_counter() - t0,
                "version": float(self.version)}
-        row.update(self._engine_metrics(stack.engine))
-        metrics.log(self.step, row)
-        metrics.progress(self.step, cfg.trainer.total_steps, row)
+        row.update(self._engine_metrics(run.stack.engine))
+        run.metrics.log(self.step, row)
+        run.metrics.progress(self.step, self.cfg.trainer.total_steps, row)
         return row
 
     def _engine_metrics(self, engine) -> dict[str, float]:
         """The engine's work since the previous call (engine/stats.py): every token it
-        generated since the last step's metrics, evaluation included. {} for an engine
-        that keeps no totals."""
-        stats = getattr(engine, "stats", None)
-        if not isinstance(stats, EngineStats):
-            return {}
+        generated since the last step's metrics, evaluation included.
+        """
+        stats = engine.stats
         now = time.perf_counter()
         mark, self._engine_mark = self._engine_mark, (stats, now)
         return engine_metrics(mark[0], stats, now - mark[1]) if mark else {}
@@ -177,7 +224,8 @@ class Trainer:
                           pad_token_id=pad, max_new_tokens=cfg.rollout.sampling.max_new_tokens)
         return learner, model
 
-    async def _resume(self, stack, learner: Learner, model, prompts: PromptStream) -> None:
+    async def _resume(self, learner: Learner, model, prompts: PromptStream,
+                      sync: WeightSync) -> None:
         found = await asyncio.to_thread(load_latest_checkpoint, self.run_dir)
         if found is None:
             return
@@ -193,23 +241,15 @@ class Trainer:
         restore_rng(state)
         self.step = int(state["step"])
         self.version = int(state["extra"]["version"])
-        await self._swap(stack, model, self.version)
+        await sync(model, self.version)
         log.info("resumed from %s at step %d (weight version %d)", path, self.step, self.version)
 
-    async def _swap(self, stack, model, version: int) -> float:
-        """Install `model`'s weights in the engine the configured way; seconds paused."""
-        r = self.cfg.rollout
-        return await swap_weights(stack.engine, model, version,
-                                  mode=r.sglang.weight_update if r.backend == "sglang" else "tensor",
-                                  scratch_dir=self.run_dir, group=self.weight_group)
-
-    async def _save(self, stack, learner: Learner, model, prompts: PromptStream,
-                    producer: GroupProducer) -> None:
-        extra = {"data": prompts.state_dict(unfinished=producer.unfinished()),
+    async def _save(self, run: _Run) -> None:
+        extra = {"data": run.prompts.state_dict(unfinished=run.producer.unfinished()),
                  "version": self.version}
         path = await asyncio.to_thread(
-            save_checkpoint, self.run_dir, self.step, model=model, tokenizer=self.tokenizer,
-            learner_state=learner.state_dict(), extra_state=extra,
+            save_checkpoint, self.run_dir, self.step, model=run.model, tokenizer=self.tokenizer,
+            learner_state=run.learner.state_dict(), extra_state=extra,
             keep=self.cfg.trainer.keep_checkpoints)
         log.info("saved checkpoint %s", path)
 
@@ -245,9 +285,3 @@ def _last_span(mask: list[int]) -> int:
 def _mean(xs) -> float:
     xs = list(xs)
     return float(sum(xs) / len(xs)) if xs else 0.0
-
-
-async def _cancel(task: asyncio.Task) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task

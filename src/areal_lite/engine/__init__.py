@@ -1,0 +1,1 @@
+"""Inference stage: the Engine protocol, the in-process torch engine and the SGLang client."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Protocol, runtime_checkable
 
+from areal_lite.engine.stats import EngineStats
 from areal_lite.types import GenerateRequest, GenerateResult, TokenChunk
 
 
@@ -53,6 +54,12 @@ class Engine(Protocol):
     @property
     def max_context_len(self) -> int:
         """Prompt + output tokens one request may hold."""
+        ...
+
+    @property
+    def stats(self) -> EngineStats:
+        """A snapshot of the work totals since start (engine/stats.py); the trainer logs
+        the difference between two snapshots as `engine/*`."""
         ...
 
     async def generate(self, req: GenerateRequest) -> GenerateResult: ...

@@ -1,0 +1,1 @@
+"""Proxy stage: the OpenAI/Anthropic-compatible HTTP door every agent goes through."""

@@ -29,8 +29,14 @@ from aiohttp import web
 
 from areal_lite.engine.base import Engine
 from areal_lite.proxy.chat import ChatCompletions, ChatDefaults
-from areal_lite.proxy.http import (ApiError, InProcessTransport, ProxyRequest, ProxyResponse,
-                                   json_response, make_aiohttp_app)
+from areal_lite.proxy.http import (
+    ApiError,
+    InProcessTransport,
+    ProxyRequest,
+    ProxyResponse,
+    json_response,
+    make_aiohttp_app,
+)
 from areal_lite.proxy.messages import Messages, anthropic_error_response
 from areal_lite.proxy.render import ChatRenderer
 from areal_lite.proxy.responses import Responses

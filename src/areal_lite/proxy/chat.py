@@ -19,13 +19,36 @@ from dataclasses import dataclass
 
 from msgspec.structs import replace
 
-from areal_lite.engine.base import ContextLengthExceeded, Engine, EngineError, EngineUnavailable
-from areal_lite.proxy.http import SSE_DONE, ApiError, ProxyResponse, json_response, sse_event, sse_response
-from areal_lite.proxy.parsers import Delta, ToolCall, parse_output, think_opened_in_prompt
-from areal_lite.proxy.stream_parser import StreamParser
+from areal_lite.engine.base import (
+    ContextLengthExceeded,
+    Engine,
+    EngineError,
+    EngineUnavailable,
+)
+from areal_lite.proxy.http import (
+    SSE_DONE,
+    ApiError,
+    ProxyResponse,
+    json_response,
+    sse_event,
+    sse_response,
+)
+from areal_lite.proxy.parsers import (
+    Delta,
+    ToolCall,
+    parse_output,
+    think_opened_in_prompt,
+)
 from areal_lite.proxy.render import ChatRenderer, Prompt
 from areal_lite.proxy.sessions import Session, SessionTable
-from areal_lite.types import CompletionNode, GenerateRequest, GenerateResult, SamplingParams, TokenChunk
+from areal_lite.proxy.stream_parser import StreamParser
+from areal_lite.types import (
+    CompletionNode,
+    GenerateRequest,
+    GenerateResult,
+    SamplingParams,
+    TokenChunk,
+)
 
 MAX_N = 64  # choices per request
 

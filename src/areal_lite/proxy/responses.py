@@ -26,8 +26,13 @@ from typing import Any
 
 import msgspec
 
-from areal_lite.proxy.chat import (ChatCompletions, ChatDefaults, ChatRequest, ChoiceStream,
-                                   parse_chat_request)
+from areal_lite.proxy.chat import (
+    ChatCompletions,
+    ChatDefaults,
+    ChatRequest,
+    ChoiceStream,
+    parse_chat_request,
+)
 from areal_lite.proxy.http import ApiError, ProxyResponse, json_response, sse_response
 from areal_lite.proxy.parsers import Delta, ToolCall
 from areal_lite.proxy.render import Prompt

@@ -1,0 +1,1 @@
+"""Data stage: prompt datasets (files and the generated arithmetic set) and rewards."""

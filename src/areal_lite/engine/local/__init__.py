@@ -1,0 +1,1 @@
+"""The in-process torch engine: continuous batching, a padded KV cache, a fused forward."""

@@ -1,0 +1,1 @@
+"""Rollout stage: agent workflows, the episode/group controller, the staleness-bounded producer."""

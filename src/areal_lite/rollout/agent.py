@@ -1,0 +1,143 @@
+"""Rollout stage: find the user's agent workflow and run one episode of it.
+
+A workflow is any object with `async def run(self, data, **extra_kwargs)` returning a
+number (reward of the episode's last completion) or a `{completion_id: reward}` dict.
+It may be named by a dotted path (`pkg.mod.Class` / `pkg.mod:Class`), given as a class
+or an instance, or be a module exposing `async def run_agent_return_reward(data)` (the
+older proxy style, which reads `OPENAI_BASE_URL`/`OPENAI_API_KEY` and therefore always
+runs in a subprocess, where those variables belong to one episode at a time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import math
+import numbers
+import os
+import types
+from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+Reward = float | dict[str, float]
+
+
+class AgentWorkflow:
+    """The typing base of an agent workflow (subclassing it is optional).
+
+    The contract is the one method: `async def run(self, data, **extra_kwargs)`, where
+    `data` is one dataset row and `extra_kwargs` carries `base_url` (the proxy's `/v1`
+    URL), `api_key` (this episode's session key) and `http_client` (the run's shared
+    `httpx.AsyncClient`). Return the reward of the episode's last completion, or a dict
+    of rewards keyed by completion id.
+    """
+
+    async def run(self, data: dict, **extra_kwargs: Any) -> Reward:
+        raise TypeError(f"{type(self).__name__} subclasses AgentWorkflow but does not "
+                        "define `async def run(self, data, **extra_kwargs)`")
+
+
+class BadReward(ValueError):
+    """The workflow returned something that is not a reward."""
+
+
+class LegacyAgent:
+    """Adapter for a module with `async def run_agent_return_reward(data)`."""
+
+    def __init__(self, module_name: str) -> None:
+        self.module_name = module_name  # picklable: re-imported in the worker
+
+    async def run(self, data: dict, **_: Any) -> Any:
+        fn = importlib.import_module(self.module_name).run_agent_return_reward
+        result = fn(data)
+        return await result if inspect.isawaitable(result) else result
+
+
+def _import_dotted(path: str) -> Any:
+    if ":" in path:
+        mod_name, _, attr = path.partition(":")
+        obj: Any = importlib.import_module(mod_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        return obj
+    try:
+        return importlib.import_module(path)
+    except ModuleNotFoundError as e:
+        mod_name, _, attr = path.rpartition(".")
+        if not mod_name or e.name not in (path, None) and not path.startswith(e.name + "."):
+            raise
+        return getattr(importlib.import_module(mod_name), attr)
+
+
+def resolve_workflow(spec: Any, agent_kwargs: Mapping[str, Any] | None = None) -> Any:
+    """Turn a dotted path, class, instance or legacy module into a workflow object."""
+    obj = spec
+    if isinstance(spec, str):
+        if not spec:
+            raise ValueError("no workflow given: set `workflow = \"pkg.mod.Class\"` in the config "
+                             "or pass workflow= to Trainer.train()")
+        try:
+            obj = _import_dotted(spec)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"cannot import workflow {spec!r}: {e}") from e
+    if isinstance(obj, types.ModuleType):
+        if hasattr(obj, "run_agent_return_reward"):
+            return LegacyAgent(obj.__name__)
+        raise ValueError(f"module {obj.__name__!r} has no workflow: name a class in it "
+                         "(pkg.mod.Class) or define `async def run_agent_return_reward(data)`")
+    if inspect.isclass(obj):
+        obj = obj(**dict(agent_kwargs or {}))
+    if not callable(getattr(obj, "run", None)):
+        raise ValueError(f"workflow {spec!r} has no `run(self, data, **kwargs)` method")
+    return obj
+
+
+def check_reward(value: Any) -> Reward:
+    """Accept int/float/bool/numpy scalars or a {completion_id: number} dict."""
+    def number(x: Any, where: str) -> float:
+        if isinstance(x, (bool, numbers.Real)) or (hasattr(x, "item") and getattr(x, "ndim", 1) == 0):
+            f = float(x.item() if hasattr(x, "item") else x)
+            if math.isfinite(f):
+                return f
+        raise BadReward(f"{where} must be a finite number, got {x!r} ({type(x).__name__})")
+
+    if isinstance(value, Mapping):
+        return {str(k): number(v, f"reward[{k!r}]") for k, v in value.items()}
+    return number(value, "the workflow's return value")
+
+
+# --- subprocess mode ---------------------------------------------------------------
+
+def _subproc_episode(workflow: Any, data: dict, base_url: str, api_key: str) -> Any:
+    """Runs in a pool worker: one episode at a time, so the env vars are its own."""
+    os.environ["OPENAI_BASE_URL"] = base_url
+    os.environ["OPENAI_API_KEY"] = api_key
+    result = workflow.run(data, base_url=base_url, api_key=api_key)
+    if inspect.isawaitable(result):
+        return asyncio.run(_await(result))
+    return result
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
+
+
+def make_subproc_pool(max_workers: int) -> ProcessPoolExecutor:
+    import multiprocessing as mp
+
+    return ProcessPoolExecutor(max_workers=max_workers, mp_context=mp.get_context("spawn"))
+
+
+async def run_workflow(workflow: Any, data: dict, *, base_url: str, api_key: str,
+                       http_client: Any, pool: ProcessPoolExecutor | None) -> Reward:
+    """Run one episode's agent code (inline, or in `pool` when given); check its reward."""
+    if pool is None:
+        result = workflow.run(data, base_url=base_url, api_key=api_key, http_client=http_client)
+        if inspect.isawaitable(result):
+            result = await result
+    else:
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(pool, _subproc_episode, workflow, data, base_url, api_key)
+    return check_reward(result)

@@ -1,0 +1,133 @@
+"""Rollout stage: run groups of agent episodes through the proxy and export samples.
+
+`RolloutController.run_group(row, n)` starts n sessions, runs the workflow once per
+session (inline coroutine or subprocess), assigns the returned rewards to the
+session's completions, exports them (individual/concat, turn discount) and frees the
+session. A failing episode (exception, timeout, bad reward) fails alone: it is counted,
+logged once with its traceback, and its group goes on with the others (decision 5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import traceback
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from areal_lite.proxy.app import ProxyServer
+from areal_lite.proxy.sessions import Session
+from areal_lite.rollout.agent import BadReward, run_workflow
+from areal_lite.types import Sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class EpisodeResult:
+    episode_id: str
+    samples: list[Sample]  # empty when the episode failed
+    reward: float | None  # the scalar reward, or the mean of a dict's values
+    num_completions: int  # completions recorded in the episode's tree
+    error: str | None = None  # "timeout" | "bad_reward" | "exception:<Type>" when failed
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+
+@dataclass(slots=True)
+class GroupResult:
+    data: dict  # the dataset row
+    episodes: list[EpisodeResult]
+
+    @property
+    def samples(self) -> list[Sample]:
+        return [s for ep in self.episodes for s in ep.samples]
+
+    @property
+    def num_failed(self) -> int:
+        return sum(ep.failed for ep in self.episodes)
+
+
+@dataclass(slots=True)
+class RolloutStats:
+    num_episodes: int = 0
+    num_failed: int = 0
+    failures: dict[str, int] = field(default_factory=dict)  # error kind -> count
+    _logged: set = field(default_factory=set)  # failure signatures already logged
+
+
+class RolloutController:
+    """Runs episodes of one workflow against one proxy; owns no resources itself."""
+
+    def __init__(self, proxy: ProxyServer, workflow: Any, *, http_client: Any,
+                 episode_timeout_s: float, max_concurrent: int,
+                 pool: ProcessPoolExecutor | None = None) -> None:
+        self.proxy, self.workflow, self.http_client, self.pool = proxy, workflow, http_client, pool
+        self.episode_timeout_s = episode_timeout_s
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self.stats = RolloutStats()
+        self.num_running = 0  # episodes in flight (staleness accounting)
+
+    async def run_group(self, data: dict, n: int, *, greedy: bool = False) -> GroupResult:
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(self.run_episode(data, greedy=greedy)) for _ in range(n)]
+        return GroupResult(data=data, episodes=[t.result() for t in tasks])
+
+    async def run_episode(self, data: dict, *, greedy: bool = False) -> EpisodeResult:
+        """One episode; `greedy` forces temperature 0 on all its requests (eval)."""
+        async with self._slots:
+            self.num_running += 1
+            session = self.proxy.sessions.start(greedy=greedy)
+            try:
+                return await self._episode(session, data)
+            finally:
+                self.num_running -= 1
+                if not session.ended:
+                    self.proxy.sessions.end(session.id)
+
+    async def _episode(self, session: Session, data: dict) -> EpisodeResult:
+        self.stats.num_episodes += 1
+        try:
+            reward = await asyncio.wait_for(
+                run_workflow(self.workflow, data, base_url=self.proxy.base_url,
+                             api_key=session.key, http_client=self.http_client, pool=self.pool),
+                self.episode_timeout_s)
+            _assign(session, reward)
+        except TimeoutError as e:
+            return self._fail(session, "timeout", e)
+        except BadReward as e:
+            return self._fail(session, "bad_reward", e)
+        except Exception as e:  # episode boundary: the agent's failure is its own
+            return self._fail(session, f"exception:{type(e).__name__}", e)
+        samples = self.proxy.exporter(self.proxy.sessions.end(session.id))
+        scalar = reward if isinstance(reward, float) else (
+            sum(reward.values()) / len(reward) if reward else None)
+        return EpisodeResult(episode_id=session.id, samples=samples, reward=scalar,
+                             num_completions=len(session.cache))
+
+    def _fail(self, session: Session, kind: str, exc: BaseException) -> EpisodeResult:
+        self.stats.num_failed += 1
+        self.stats.failures[kind] = self.stats.failures.get(kind, 0) + 1
+        signature = (kind, str(exc)[:200])
+        if signature not in self.stats._logged:  # log each distinct failure once
+            self.stats._logged.add(signature)
+            tb = "".join(traceback.format_exception(exc))
+            log.warning("episode %s failed (%s); further identical failures are only counted:\n%s",
+                        session.id, kind, tb)
+        return EpisodeResult(episode_id=session.id, samples=[], reward=None,
+                             num_completions=len(session.cache), error=kind)
+
+
+def _assign(session: Session, reward: float | dict[str, float]) -> None:
+    """Attach the workflow's reward to the session's completions."""
+    cache = session.cache
+    if isinstance(reward, dict):
+        try:
+            cache.set_rewards(reward)  # all or nothing
+        except KeyError as e:
+            raise BadReward(str(e.args[0])) from None
+    elif len(cache):
+        cache.set_last_reward(reward)

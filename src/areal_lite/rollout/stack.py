@@ -1,0 +1,129 @@
+"""Wiring: build the rollout side (engine, renderer, proxy, controller) from config.
+
+`async with open_rollout(cfg, workflow) as stack:` owns every resource of the rollout
+side and releases them in reverse order: the aiohttp pool (SGLang), the engine, the
+proxy's TCP server, the in-process HTTP client, the subprocess pool, and the
+workflow's own `aclose()` when it has one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from areal_lite.config import ExperimentConfig
+from areal_lite.engine.base import Engine
+from areal_lite.export import export_episode
+from areal_lite.proxy.app import ProxyServer
+from areal_lite.proxy.chat import ChatDefaults
+from areal_lite.proxy.parsers import detect_tool_parser
+from areal_lite.proxy.render import ChatRenderer
+from areal_lite.proxy.sessions import Session
+from areal_lite.rollout.agent import LegacyAgent, make_subproc_pool, resolve_workflow
+from areal_lite.rollout.controller import RolloutController
+from areal_lite.types import Sample
+
+
+@dataclass(slots=True)
+class RolloutStack:
+    engine: Engine
+    proxy: ProxyServer
+    controller: RolloutController
+    tokenizer: Any
+    model_dir: str  # resolved HF checkpoint directory of actor.path
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_exporter(cfg: ExperimentConfig):
+    agent = cfg.rollout.agent
+
+    def export(session: Session) -> list[Sample]:
+        return export_episode(session.cache, style=agent.export_style, gamma=agent.turn_discount,
+                              agg=agent.discount_agg, episode_id=session.id,
+                              train_shared_once=agent.train_shared_once)
+    return export
+
+
+async def _open_engine(cfg: ExperimentConfig, model_dir: str, tokenizer,
+                       stack: contextlib.AsyncExitStack) -> Engine:
+    r = cfg.rollout
+    if r.backend == "sglang":
+        import aiohttp
+
+        from areal_lite.engine.sglang.client import SGLangEngine
+
+        connector = aiohttp.TCPConnector(limit=r.sglang.max_connections, keepalive_timeout=60)
+        session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
+        engine = SGLangEngine(list(r.sglang.urls), session=session,
+                              request_timeout_s=r.sglang.request_timeout_s,
+                              connect_timeout_s=r.sglang.connect_timeout_s,
+                              max_retries=r.sglang.max_retries,
+                              api_key=r.sglang.api_key or None, tp_size=r.sglang.tp_size)
+        await engine.start()
+        stack.push_async_callback(engine.close)
+        return engine
+    from areal_lite.engine.local.engine import LocalEngine
+    from areal_lite.models import load_causal_lm
+
+    device = resolve_device(cfg.actor.device)
+    model = await asyncio.to_thread(load_causal_lm, model_dir, device=device, dtype=cfg.actor.dtype)
+    engine = LocalEngine(model, tokenizer=tokenizer, device=device,
+                         max_batch_size=r.local.max_batch_size, max_kv_tokens=r.local.max_kv_tokens,
+                         max_context_len=r.local.max_context_len or None, seed=cfg.seed,
+                         prefix_cache_tokens=r.local.prefix_cache_tokens,
+                         fused_forward=r.local.fused_forward)
+    await engine.start()
+    stack.push_async_callback(engine.close)
+    return engine
+
+
+@contextlib.asynccontextmanager
+async def open_rollout(cfg: ExperimentConfig, workflow: Any = None, *,
+                       engine: Engine | None = None) -> AsyncIterator[RolloutStack]:
+    """Open everything the rollout side needs; `engine` overrides the configured one."""
+    from areal_lite.models import load_tokenizer, resolve_model_dir
+
+    r = cfg.rollout
+    wf = resolve_workflow(workflow if workflow is not None else cfg.workflow,
+                          r.agent.agent_kwargs)
+    model_dir = await asyncio.to_thread(resolve_model_dir, cfg.actor.path)
+    tokenizer = await asyncio.to_thread(load_tokenizer, model_dir)
+    async with contextlib.AsyncExitStack() as stack:
+        if hasattr(wf, "aclose"):
+            stack.push_async_callback(wf.aclose)
+        if engine is None:
+            engine = await _open_engine(cfg, str(model_dir), tokenizer, stack)
+        tool_parser = r.proxy.tool_parser
+        if tool_parser == "auto":
+            tool_parser = detect_tool_parser(getattr(tokenizer, "chat_template", None))
+        renderer = ChatRenderer(tokenizer, chat_template_kwargs=r.proxy.chat_template_kwargs)
+        proxy = ProxyServer(
+            engine=engine, renderer=renderer, exporter=make_exporter(cfg),
+            host=r.proxy.host, port=r.proxy.port, model_name=r.proxy.model_name,
+            tool_parser=tool_parser, reasoning=r.proxy.reasoning_parser == "think",
+            defaults=ChatDefaults(max_new_tokens=r.sampling.max_new_tokens,
+                                  temperature=r.sampling.temperature, top_p=r.sampling.top_p,
+                                  top_k=r.sampling.top_k),
+            max_request_mb=r.proxy.max_request_mb)
+        await stack.enter_async_context(proxy)
+        http_client = await stack.enter_async_context(proxy.http_client(timeout=r.episode_timeout_s))
+        pool = None
+        if r.agent.mode == "subproc" or isinstance(wf, LegacyAgent):
+            pool = make_subproc_pool(r.agent.subproc_max_workers)
+            stack.callback(functools.partial(pool.shutdown, wait=False, cancel_futures=True))
+        controller = RolloutController(proxy, wf, http_client=http_client,
+                                       episode_timeout_s=r.episode_timeout_s,
+                                       max_concurrent=r.max_concurrent_rollouts, pool=pool)
+        yield RolloutStack(engine=engine, proxy=proxy, controller=controller,
+                           tokenizer=tokenizer, model_dir=str(model_dir))

@@ -1,0 +1,1 @@
+"""A fake SGLang server (aiohttp) that speaks the protocol our client uses, for tests and benchmarks."""

@@ -1,0 +1,1 @@
+"""Trainer stage: advantages and losses, logprobs, the learner, checkpoints, weight sync."""

@@ -1,0 +1,369 @@
+"""Trainer stage, model side: groups of samples -> logprobs -> one optimizer update.
+
+`algorithms.py` owns the maths (advantages, losses) and `logprobs.py` the per-token
+logprobs and micro-batch splitting; this module owns the model, the optimizer and the
+updates. One `train_step` reads::
+
+    groups  -> (dynamic filtering) -> advantages per sample
+            -> proximal logprobs (recomputed with the current weights, or behaviour)
+    lr = cfg.lr x lr_multiplier(step)
+    for each of ppo_epochs x num_minibatches updates:
+        normalizer over the minibatch's loss tokens (never per micro-batch)
+        for each micro-batch (<= max_tokens_per_microbatch padded tokens):
+            forward -> logprobs, entropy -> loss_fn -> backward   (gradients accumulate)
+        clip -> optimizer.step -> zero_grad
+    step += 1
+
+Because every micro-batch loss is divided by the same whole-minibatch normalizer, the
+summed gradient does not depend on how the batch is split (tested: 1 x 8 == 8 x 1).
+
+Token alignment: every per-token tensor is [B, T] aligned with `input_ids`; position t
+holds log p(ids[t] | ids[:t]) computed from the logits at t-1, and position 0 holds 0.
+Rows are right-padded (padding never precedes a real token, so it cannot change them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
+
+from areal_lite.config import AlgorithmConfig, LearnerConfig
+from areal_lite.models import torch_dtype
+from areal_lite.train.algorithms import (
+    advantage_inputs,
+    filter_groups,
+    make_advantage_fn,
+    token_advantages,
+)
+from areal_lite.train.logprobs import (
+    forward_logits,
+    make_microbatches,
+    sequence_logprobs,
+    token_entropy,
+    token_logprobs,
+)
+from areal_lite.train.losses import LOSSES
+from areal_lite.types import Sample
+
+__all__ = [
+    "Learner",
+    "lr_multiplier",
+]
+
+
+
+
+# ------------------------------------------------------------- schedule and dtype
+
+_DECAYS: dict[str, Callable[[float], float]] = {
+    "constant": lambda progress: 1.0,
+    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
+    "linear": lambda progress: 1.0 - progress,
+}
+
+
+def lr_multiplier(step: int, cfg: LearnerConfig) -> float:
+    """Factor on `cfg.lr` for train step `step` (0-based): linear warmup over
+    `warmup_steps` steps ((step + 1) / warmup_steps), then the decay schedule, which
+    goes from 1 right after warmup towards 0 at `total_steps` (and stays there)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.total_steps == 0:
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / (cfg.total_steps - cfg.warmup_steps))
+    return _DECAYS[cfg.lr_schedule](progress)
+
+
+# ------------------------------------------------------------------------------ batches
+
+@dataclass
+class _Batch:
+    """Per-sample CPU tensors of one train step (index i = i-th flattened sample)."""
+
+    ids: list[Tensor]  # [L_i] long
+    mask: list[Tensor]  # [L_i] bool, loss mask with position 0 forced off
+    behav: list[Tensor]  # [L_i] float32 behaviour logprobs
+    adv: Tensor  # [N] float32 advantages
+    prox: list[Tensor] | None  # [L_i] proximal logprobs; None = take them from the forward
+    ref: list[Tensor] | None  # [L_i] reference logprobs when kl_coef > 0
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(x) for x in self.ids]
+
+
+@dataclass
+class _Micro:
+    """One right-padded micro-batch on the device, all [B, T] (adv is [B])."""
+
+    ids: Tensor
+    attn: Tensor
+    mask: Tensor
+    behav: Tensor
+    adv: Tensor
+    prox: Tensor | None
+    ref: Tensor | None
+
+
+def _collate(batch: _Batch, rows: list[int], device, pad_id: int) -> _Micro:
+    def pad(seqs: list[Tensor] | None, value=0) -> Tensor | None:
+        if seqs is None:
+            return None
+        return pad_sequence([seqs[r] for r in rows], batch_first=True,
+                            padding_value=value).to(device)
+
+    attn = pad_sequence([torch.ones(len(batch.ids[r]), dtype=torch.long) for r in rows],
+                        batch_first=True).to(device)
+    return _Micro(ids=pad(batch.ids, pad_id), attn=attn, mask=pad(batch.mask, False),
+                  behav=pad(batch.behav), adv=batch.adv[rows].to(device),
+                  prox=pad(batch.prox), ref=pad(batch.ref))
+
+
+def _minibatches(n: int, num: int) -> list[list[int]]:
+    """Split range(n) into `num` contiguous, near-equal, non-empty chunks (fewer if n < num)."""
+    num = min(num, n)
+    bounds = [n * k // num for k in range(num + 1)]
+    return [list(range(bounds[k], bounds[k + 1])) for k in range(num)]
+
+
+_SHARES = ("loss", "policy_loss", "kl_loss")  # summed over micro-batches, mean over updates
+
+
+class _StepStats:
+    """Accumulates loss_fn stats: shares summed per update, the rest token-weighted."""
+
+    def __init__(self) -> None:
+        self.shares: dict[str, float] = defaultdict(float)
+        self.weighted: dict[str, float] = defaultdict(float)
+        self.tokens = 0.0
+        self.grad_norms: list[float] = []
+        self.padded = self.real = 0
+        self.skipped = 0
+
+    def add(self, stats: dict[str, float]) -> None:
+        n = stats["num_tokens"]
+        self.tokens += n
+        for key, value in stats.items():
+            if key in _SHARES:
+                self.shares[key] += value
+            elif key != "num_tokens":
+                self.weighted[key] += value * n
+
+    def result(self) -> dict[str, float]:
+        updates = max(1, len(self.grad_norms))
+        out = {k: v / updates for k, v in self.shares.items()}
+        out |= {k: v / max(self.tokens, 1.0) for k, v in self.weighted.items()}
+        out["grad_norm"] = sum(self.grad_norms) / updates
+        out["padding_frac"] = (self.padded - self.real) / self.padded if self.padded else 0.0
+        out["num_updates"] = float(len(self.grad_norms))
+        out["num_skipped_updates"] = float(self.skipped)
+        return out
+
+
+# ------------------------------------------------------------------------------ learner
+
+class Learner:
+    """Owns the policy's optimizer and schedule; turns groups of samples into updates.
+
+    `model` is a Hugging Face causal LM (moved to `device`; keep its parameters float32
+    as master weights). The autocast compute dtype is `dtype` when given, else
+    `cfg.compute_dtype` ("auto" = bfloat16 on CUDA, float32 without autocast elsewhere).
+    `ref_model` is the frozen reference for the KL penalty, required when
+    `algo.kl_coef > 0`. `max_new_tokens` is the rollout limit,
+    needed by the `seq_mean_token_sum` aggregation. Dropout should be 0 (as in all
+    current LLM configs): proximal logprobs are computed in eval mode.
+    """
+
+    def __init__(self, model, *, cfg: LearnerConfig, algo: AlgorithmConfig,
+                 device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                 gradient_checkpointing: bool = False, ref_model=None, pad_token_id: int = 0,
+                 max_new_tokens: int = 0):
+        if algo.kl_coef > 0 and ref_model is None:
+            raise ValueError("algorithm.kl_coef > 0 needs a frozen reference model: pass "
+                             "Learner(..., ref_model=...) or set kl_coef = 0")
+        self.cfg, self.algo = cfg, algo
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.ref_model = None if ref_model is None else \
+            ref_model.to(self.device).eval().requires_grad_(False)
+        if dtype is None:
+            dtype = torch_dtype(cfg.compute_dtype, self.device)
+        self.dtype = dtype
+        self.pad_token_id = pad_token_id
+        self.max_new_tokens = max_new_tokens
+        if gradient_checkpointing:  # transformers >= 5.x renamed it activation checkpointing
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable({"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False})
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                                           eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        self.step = 0  # train steps done; the lr schedule is a pure function of it
+        self._adv_fn = make_advantage_fn(algo)
+        self._loss_fn = LOSSES[algo.loss_agg]
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    # -- scoring ---------------------------------------------------------------------
+
+    def compute_logprobs(self, samples: Sequence[Sample], *, model=None) -> list[list[float]]:
+        """Per-token logprobs of each sample's input_ids under `model` (default: the
+        policy), aligned with input_ids, 0.0 at position 0. No gradients."""
+        model = self.model if model is None else model
+        return [t.tolist() for t in self._logprob_tensors([s.input_ids for s in samples], model)]
+
+    def _logprob_tensors(self, ids: Sequence[Sequence[int]], model) -> list[Tensor]:
+        lengths = [len(x) for x in ids]
+        out: list[Tensor] = [torch.zeros(0)] * len(ids)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), self._autocast():
+                for mb in make_microbatches(lengths, self.cfg.max_tokens_per_microbatch,
+                                            self.cfg.packing):
+                    rows = [torch.as_tensor(ids[i], dtype=torch.long) for i in mb]
+                    attn = [torch.ones(len(r), dtype=torch.long) for r in rows]
+                    logp = sequence_logprobs(
+                        model, pad_sequence(rows, batch_first=True,
+                                            padding_value=self.pad_token_id).to(self.device),
+                        pad_sequence(attn, batch_first=True).to(self.device)).cpu()
+                    for row, i in enumerate(mb):
+                        out[i] = logp[row, :lengths[i]]
+        finally:
+            model.train(was_training)
+        return out
+
+    # -- training --------------------------------------------------------------------
+
+    def train_step(self, groups: Sequence[Sequence[Sample]], *, current_version: int = 0
+                   ) -> dict[str, float]:
+        """One train step on a batch of groups (one group = samples of one prompt).
+
+        Runs ppo_epochs x num_minibatches optimizer updates at the lr of this step.
+        `current_version` is the policy's weight version, for the staleness stat.
+        Returns floats for logging (see the module docstring for the flow).
+        """
+        start = time.perf_counter()
+        lr = self.cfg.lr * lr_multiplier(self.step, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        rewards = torch.tensor([s.reward for g in groups for s in g], dtype=torch.float64)
+        num_filtered = 0
+        if self.algo.dynamic_filtering:
+            groups, num_filtered = filter_groups(groups)
+        samples = [s for g in groups for s in g]
+        acc = _StepStats()
+        batch = None
+        if samples:
+            adv = self._adv_fn(*advantage_inputs(groups)).to(torch.float32)
+            batch = self._prepare(samples, adv)
+            for _ in range(self.cfg.ppo_epochs):
+                for mini in _minibatches(len(samples), self.cfg.num_minibatches):
+                    self._update(batch, mini, acc)
+        self.step += 1
+        stats = acc.result()
+        stats |= self._batch_stats(samples, batch, current_version)
+        stats |= {
+            "lr": lr, "num_filtered_groups": float(num_filtered),
+            "num_samples": float(len(samples)), "step": float(self.step),
+            "reward_mean": rewards.mean().item() if len(rewards) else 0.0,
+            "reward_std": rewards.std(correction=0).item() if len(rewards) else 0.0,
+        }
+        elapsed = time.perf_counter() - start
+        stats["tokens_per_s"] = sum(len(s.input_ids) for s in samples) / max(elapsed, 1e-9)
+        return stats
+
+    def _prepare(self, samples: list[Sample], adv: Tensor) -> _Batch:
+        ids = [torch.tensor(s.input_ids, dtype=torch.long) for s in samples]
+        masks = []
+        for s in samples:
+            m = torch.tensor(s.loss_mask, dtype=torch.bool)
+            m[:1] = False  # nothing predicts the first token
+            masks.append(m)
+        behav = [torch.tensor(s.logprobs, dtype=torch.float32) for s in samples]
+        for s, i, m, b in zip(samples, ids, masks, behav, strict=True):
+            if not len(i) == len(m) == len(b) == len(s.versions):
+                raise ValueError(f"sample has {len(i)} input_ids but {len(m)} loss_mask, "
+                                 f"{len(b)} logprobs, {len(s.versions)} versions; they "
+                                 f"must align token for token (check the export)")
+        single_update = self.cfg.ppo_epochs * min(self.cfg.num_minibatches, len(samples)) == 1
+        if not self.cfg.recompute_proximal:
+            prox = behav
+        elif single_update:
+            prox = None  # weights unchanged until the only update: the forward gives them
+        else:
+            prox = self._logprob_tensors([s.input_ids for s in samples], self.model)
+        ref = None
+        if self.ref_model is not None and self.algo.kl_coef > 0:
+            ref = self._logprob_tensors([s.input_ids for s in samples], self.ref_model)
+        return _Batch(ids=ids, mask=masks, behav=behav, adv=adv, prox=prox, ref=ref)
+
+    def _update(self, batch: _Batch, rows: list[int], acc: _StepStats) -> None:
+        """One optimizer update on samples `rows`, accumulating over micro-batches."""
+        normalizer = self._loss_fn.normalizer([int(batch.mask[r].sum()) for r in rows],
+                                              self.max_new_tokens)
+        lengths = [len(batch.ids[r]) for r in rows]
+        self.model.train()
+        for mb in make_microbatches(lengths, self.cfg.max_tokens_per_microbatch,
+                                    self.cfg.packing):
+            acc.padded += max(lengths[j] for j in mb) * len(mb)
+            acc.real += sum(lengths[j] for j in mb)
+            acc.add(self._micro_step(_collate(batch, [rows[j] for j in mb], self.device,
+                                              self.pad_token_id), normalizer))
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        acc.grad_norms.append(grad_norm)
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+        else:  # one bad batch must not turn every weight into NaN
+            acc.skipped += 1
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _micro_step(self, mb: _Micro, normalizer: float) -> dict[str, float]:
+        with self._autocast():
+            logits = forward_logits(self.model, mb.ids, mb.attn)
+        logp = token_logprobs(logits, mb.ids)
+        entropy = token_entropy(logits.detach(), mb.mask)
+        del logits
+        prox = mb.prox if mb.prox is not None else logp.detach()
+        loss, stats = self._loss_fn(
+            logp, prox, mb.behav, token_advantages(mb.adv, mb.mask), mb.mask, cfg=self.algo,
+            normalizer=normalizer, ref_logprobs=mb.ref, entropy=entropy)
+        loss.backward()
+        return stats
+
+    def _batch_stats(self, samples: list[Sample], batch: _Batch | None,
+                     current_version: int) -> dict[str, float]:
+        if batch is None:
+            return {"num_tokens": 0.0, "adv_mean": 0.0, "staleness": 0.0}
+        stale = torch.cat([current_version - torch.tensor(s.versions, dtype=torch.float64)[m]
+                           for s, m in zip(samples, batch.mask, strict=True)])
+        return {"num_tokens": float(sum(int(m.sum()) for m in batch.mask)),
+                "adv_mean": batch.adv.mean().item(),
+                "staleness": stale.mean().item() if len(stale) else 0.0}
+
+    # -- checkpoint state ------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Optimizer state and train step (which fixes the lr schedule's position): what
+        resuming needs besides the weights. Plain tensors and numbers only."""
+        return {"optimizer": self.optimizer.state_dict(), "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
