@@ -240,6 +240,12 @@ class SchedulerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     type: Literal["local", "slurm"] = "local"  # "slurm" for multi-node runs
     nodes: PosInt = 1  # machines in the job
     gpus_per_node: NonNegInt = 0  # GPUs used per machine; 0 = all visible ones (auto)
+    train_processes: PosInt = 1  # learner processes per trainer node (torchrun); > 1 = FSDP2
+    inference_nodes: NonNegInt = 0  # slurm: nodes running SGLang servers (the rest train)
+    partition: str = ""  # slurm: --partition; "" = the cluster's default
+    time_limit: str = ""  # slurm: --time, e.g. "04:00:00"; "" = the partition's default
+    sbatch_args: list[str] = []  # slurm: extra #SBATCH lines, e.g. ["--account=rl"]
+    rdzv_port: Port = 29500  # slurm: torchrun rendezvous TCP port on the first trainer node
 
     def __post_init__(self) -> None:
         if self.type == "local" and self.nodes != 1:
@@ -249,6 +255,9 @@ class SchedulerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 "type",
                 n=self.nodes,
             )
+        if self.inference_nodes >= self.nodes:
+            raise _FieldError("{0} = {k} leaves no trainer node of {1} = {n}",
+                              "inference_nodes", "nodes", k=self.inference_nodes, n=self.nodes)
 
 
 class DataConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -34,11 +34,14 @@ from areal_lite.rollout.stack import RolloutStack, open_rollout, resolve_device
 from areal_lite.runtime import limit_malloc_growth, run_async
 from areal_lite.train.algorithms import overlong_penalty
 from areal_lite.train.checkpoint import (
+    SHARDED_DIR,
     load_latest_checkpoint,
     restore_rng,
     save_checkpoint,
 )
+from areal_lite.train.distributed import Leader
 from areal_lite.train.learner import Learner
+from areal_lite.train.ranks import follow, launched_rank, make_learner
 from areal_lite.train.weight_sync import WeightSync, make_weight_sync
 from areal_lite.types import Sample
 
@@ -50,8 +53,8 @@ class _Run:
     """The parts of one run, built once by `atrain` and handed to every stage."""
 
     stack: RolloutStack
-    learner: Learner
-    model: Any  # the learner's torch.nn.Module (fp32 master weights)
+    learner: Learner | Leader  # Leader: rank 0 of scheduler.train_processes FSDP2 ranks
+    model: Any  # the learner's torch.nn.Module (fp32 master weights), or its ShardedWeights
     prompts: PromptStream
     producer: GroupProducer
     metrics: MetricsLogger
@@ -80,6 +83,15 @@ class Trainer:
         else:
             raise RuntimeError("Trainer.train() was called inside an event loop; "
                                "use `await trainer.atrain(workflow)` there")
+        rank = launched_rank()
+        if rank is None and self.cfg.scheduler.train_processes > 1:
+            from areal_lite.scheduler.local import launch_torchrun
+
+            launch_torchrun(self.cfg, workflow)  # this process waits; the ranks train
+            return {}
+        if rank:  # a learner rank > 0: no rollout side, trains what rank 0 sends
+            follow(self.cfg, resolve_device(self.cfg.actor.device))
+            return {}
         return run_async(self.atrain(workflow))
 
     async def atrain(self, workflow: Any = None) -> dict[str, float]:
@@ -113,6 +125,8 @@ class Trainer:
     async def _open_run(self, stack: RolloutStack, exits: contextlib.AsyncExitStack) -> _Run:
         cfg = self.cfg
         learner, model = await asyncio.to_thread(self._make_learner, stack.model_dir)
+        if isinstance(learner, Leader):
+            exits.callback(learner.stop)  # the other ranks leave their command loop
         group = None
         if cfg.rollout.backend == "sglang" and cfg.rollout.sglang.weight_update == "distributed":
             group = await exits.enter_async_context(
@@ -207,21 +221,9 @@ class Trainer:
 
     # --- model, checkpoints ----------------------------------------------------------
 
-    def _make_learner(self, model_dir: str) -> tuple[Learner, Any]:
-        from areal_lite.models import load_causal_lm, load_tokenizer
-
-        cfg = self.cfg
-        device = resolve_device(cfg.actor.device)
-        model = load_causal_lm(model_dir, device=device, dtype="float32")
-        tokenizer = load_tokenizer(model_dir)
-        self.tokenizer = tokenizer
-        ref = None
-        if cfg.algorithm.kl_coef > 0:
-            ref = load_causal_lm(model_dir, device=device, dtype=cfg.actor.dtype).eval()
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        learner = Learner(model, cfg=cfg.train, algo=cfg.algorithm, device=device,
-                          gradient_checkpointing=cfg.actor.gradient_checkpointing, ref_model=ref,
-                          pad_token_id=pad, max_new_tokens=cfg.rollout.sampling.max_new_tokens)
+    def _make_learner(self, model_dir: str) -> tuple[Learner | Leader, Any]:
+        learner, model, self.tokenizer = make_learner(
+            self.cfg, model_dir, resolve_device(self.cfg.actor.device))  # train/ranks.py
         return learner, model
 
     async def _resume(self, learner: Learner, model, prompts: PromptStream,
@@ -230,13 +232,16 @@ class Trainer:
         if found is None:
             return
         path, state = found
-        from safetensors.torch import load_file
+        if isinstance(learner, Leader):  # every rank loads its shards (any rank count)
+            await asyncio.to_thread(learner.load_sharded, path / SHARDED_DIR, int(state["step"]))
+        else:
+            from safetensors.torch import load_file
 
-        weights: dict = {}
-        for shard in sorted(path.glob("*.safetensors")):
-            weights.update(load_file(str(shard)))
-        model.load_state_dict(weights, strict=False)
-        learner.load_state_dict(state["learner"])
+            weights: dict = {}
+            for shard in sorted(path.glob("*.safetensors")):
+                weights.update(load_file(str(shard)))
+            model.load_state_dict(weights, strict=False)
+            learner.load_state_dict(state["learner"])
         prompts.load_state_dict(state["extra"]["data"])
         restore_rng(state)
         self.step = int(state["step"])
@@ -250,7 +255,8 @@ class Trainer:
         path = await asyncio.to_thread(
             save_checkpoint, self.run_dir, self.step, model=run.model, tokenizer=self.tokenizer,
             learner_state=run.learner.state_dict(), extra_state=extra,
-            keep=self.cfg.trainer.keep_checkpoints)
+            keep=self.cfg.trainer.keep_checkpoints,
+            write_sharded=run.learner.save_sharded if isinstance(run.learner, Leader) else None)
         log.info("saved checkpoint %s", path)
 
     def _eval_rows(self) -> list[dict]:

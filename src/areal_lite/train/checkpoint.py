@@ -5,6 +5,7 @@ Layout under a run directory::
     checkpoints/
         step_12/        config.json, model.safetensors, tokenizer files   (HF-loadable)
                         state.pt: {"step", "learner", "extra", "rng"}
+                        sharded/   torch.distributed.checkpoint shards (FSDP2 runs only)
         step_16/
         latest          "step_16" -- names the newest complete checkpoint
 
@@ -26,16 +27,18 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["load_latest_checkpoint", "restore_rng", "rng_state", "save_checkpoint"]
+__all__ = ["SHARDED_DIR", "load_latest_checkpoint", "restore_rng", "rng_state", "save_checkpoint"]
 
 _STEP_DIR = re.compile(r"step_(\d+)")
 _STATE_FILE = "state.pt"
 _POINTER = "latest"
+SHARDED_DIR = "sharded"  # torch.distributed.checkpoint shards inside a checkpoint directory
 
 
 def rng_state() -> dict[str, Any]:
@@ -65,13 +68,15 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 def save_checkpoint(run_dir: str | Path, step: int, *, model, tokenizer=None,
                     learner_state: dict, extra_state: dict | None = None,
-                    keep: int = 2) -> Path:
+                    keep: int = 2, write_sharded: Callable[[Path], None] | None = None) -> Path:
     """Write `{run_dir}/checkpoints/step_{step}/` atomically, point `latest` at it and
     delete all but the newest `keep` checkpoints. Returns the checkpoint directory.
 
     `model` / `tokenizer` need `save_pretrained` (any HF model or tokenizer);
     `learner_state` is `Learner.state_dict()`; `extra_state` is the rest of the run's
     position (data cursor, weight version, ...). Saving the same step again replaces it.
+    `write_sharded(dir)` (FSDP2 runs) writes the ranks' shards into `dir/sharded` of the
+    temporary directory, so they are renamed into place with the rest.
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1 checkpoint, got {keep}")
@@ -86,6 +91,8 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model, tokenizer=None,
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if write_sharded is not None:
+            write_sharded(tmp / SHARDED_DIR)
         state = {"step": step, "learner": learner_state, "extra": extra_state or {},
                  "rng": rng_state()}
         torch.save(state, tmp / _STATE_FILE)

@@ -50,6 +50,7 @@ from areal_lite.train.logprobs import (
     token_entropy,
     token_logprobs,
 )
+from areal_lite.train.distributed import Dist, grad_norm_and_clip, shard_model, token_balanced_split
 from areal_lite.train.losses import LOSSES
 from areal_lite.types import Sample
 
@@ -157,6 +158,21 @@ class _StepStats:
             elif key != "num_tokens":
                 self.weighted[key] += value * n
 
+    def merge(self, d: Dist) -> None:
+        """Sum every rank's accumulators into this one (grad norms are already global)."""
+        parts = [None] * d.world
+        torch.distributed.all_gather_object(parts, (dict(self.shares), dict(self.weighted),
+                                                    self.tokens, self.padded, self.real))
+        self.shares, self.weighted = defaultdict(float), defaultdict(float)
+        self.tokens = self.padded = self.real = 0
+        for shares, weighted, tokens, padded, real in parts:
+            for key, value in shares.items():
+                self.shares[key] += value
+            for key, value in weighted.items():
+                self.weighted[key] += value
+            self.tokens, self.padded, self.real = (self.tokens + tokens, self.padded + padded,
+                                                   self.real + real)
+
     def result(self) -> dict[str, float]:
         updates = max(1, len(self.grad_norms))
         out = {k: v / updates for k, v in self.shares.items()}
@@ -180,12 +196,17 @@ class Learner:
     `algo.kl_coef > 0`. `max_new_tokens` is the rollout limit,
     needed by the `seq_mean_token_sum` aggregation. Dropout should be 0 (as in all
     current LLM configs): proximal logprobs are computed in eval mode.
+
+    `dist` (from `train.distributed.init_dist`): this is one of `dist.world` FSDP2 ranks;
+    the model is sharded per decoder layer (mixed precision in `dtype` instead of
+    autocast) and each rank trains on its token-balanced share of every minibatch, with
+    the same result as one process on the whole batch (see train/distributed.py).
     """
 
     def __init__(self, model, *, cfg: LearnerConfig, algo: AlgorithmConfig,
                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                  gradient_checkpointing: bool = False, ref_model=None, pad_token_id: int = 0,
-                 max_new_tokens: int = 0):
+                 max_new_tokens: int = 0, dist: Dist | None = None):
         if algo.kl_coef > 0 and ref_model is None:
             raise ValueError("algorithm.kl_coef > 0 needs a frozen reference model: pass "
                              "Learner(..., ref_model=...) or set kl_coef = 0")
@@ -197,6 +218,10 @@ class Learner:
         if dtype is None:
             dtype = torch_dtype(cfg.compute_dtype, self.device)
         self.dtype = dtype
+        self.dist = dist
+        if dist is not None:
+            shard_model(self.model, dtype)
+            self.dtype = torch.float32  # FSDP2 gathers parameters in `dtype`: no autocast
         self.pad_token_id = pad_token_id
         self.max_new_tokens = max_new_tokens
         if gradient_checkpointing:  # transformers >= 5.x renamed it activation checkpointing
@@ -274,6 +299,8 @@ class Learner:
             for _ in range(self.cfg.ppo_epochs):
                 for mini in _minibatches(len(samples), self.cfg.num_minibatches):
                     self._update(batch, mini, acc)
+            if self.dist is not None:
+                acc.merge(self.dist)
         self.step += 1
         stats = acc.result()
         stats |= self._batch_stats(samples, batch, current_version)
@@ -318,15 +345,26 @@ class Learner:
                                               self.max_new_tokens)
         lengths = [len(batch.ids[r]) for r in rows]
         self.model.train()
-        for mb in make_microbatches(lengths, self.cfg.max_tokens_per_microbatch,
-                                    self.cfg.packing):
+        mine, scale, num = list(range(len(rows))), 1.0, 0
+        if self.dist is not None:  # FSDP2 averages gradients over ranks: undo it
+            mine, scale = token_balanced_split(lengths, self.dist.world)[self.dist.rank], \
+                float(self.dist.world)
+        mbs = [[mine[k] for k in mb] for mb in make_microbatches(
+            [lengths[j] for j in mine], self.cfg.max_tokens_per_microbatch, self.cfg.packing)]
+        if self.dist is not None:  # every rank must join every forward/backward
+            num = self.dist.all_max(len(mbs)) - len(mbs)
+        for mb in mbs:
             acc.padded += max(lengths[j] for j in mb) * len(mb)
             acc.real += sum(lengths[j] for j in mb)
             acc.add(self._micro_step(_collate(batch, [rows[j] for j in mb], self.device,
-                                              self.pad_token_id), normalizer))
+                                              self.pad_token_id), normalizer, scale))
+        for _ in range(num):  # zero-weight micro-batches on the rank with fewer
+            self._micro_step(_collate(batch, rows[:1], self.device, self.pad_token_id),
+                             normalizer, 0.0)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        grad_norm = (grad_norm_and_clip(params, max_norm) if self.dist is not None
+                     else torch.nn.utils.clip_grad_norm_(params, max_norm).item())
         acc.grad_norms.append(grad_norm)
         if math.isfinite(grad_norm):
             self.optimizer.step()
@@ -334,7 +372,8 @@ class Learner:
             acc.skipped += 1
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _micro_step(self, mb: _Micro, normalizer: float) -> dict[str, float]:
+    def _micro_step(self, mb: _Micro, normalizer: float, scale: float = 1.0
+                    ) -> dict[str, float]:
         with self._autocast():
             logits = forward_logits(self.model, mb.ids, mb.attn)
         logp = token_logprobs(logits, mb.ids)
@@ -344,7 +383,7 @@ class Learner:
         loss, stats = self._loss_fn(
             logp, prox, mb.behav, token_advantages(mb.adv, mb.mask), mb.mask, cfg=self.algo,
             normalizer=normalizer, ref_logprobs=mb.ref, entropy=entropy)
-        loss.backward()
+        (loss * scale if scale != 1.0 else loss).backward()
         return stats
 
     def _batch_stats(self, samples: list[Sample], batch: _Batch | None,
