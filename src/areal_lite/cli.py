@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("config", help="TOML config file")
         c.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rollout.group_size=8")
         c.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        if name == "train":
+            c.add_argument("--dry-run", action="store_true",
+                           help="print the Slurm batch script (or torchrun command), start nothing")
     return p
 
 
@@ -51,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     sys.path[:0] = [str(Path.cwd()), str(Path(args.config).resolve().parent)]
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.command == "train":  # scheduler/: submit to Slurm, or describe the launch
+            from areal_lite.scheduler.slurm import submit_or_describe
+
+            if (text := submit_or_describe(cfg, dry_run=args.dry_run)) is not None:
+                print(text)
+                return 0
     except ConfigError as e:
         print(f"areal-lite: {e}", file=sys.stderr)
         return 2

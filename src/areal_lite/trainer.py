@@ -84,6 +84,13 @@ class Trainer:
             raise RuntimeError("Trainer.train() was called inside an event loop; "
                                "use `await trainer.atrain(workflow)` there")
         rank = launched_rank()
+        if self.cfg.scheduler.type == "slurm" and rank is None:
+            from areal_lite.scheduler.slurm import in_slurm_job, submit
+
+            if not in_slurm_job():  # the job runs this same train() on its nodes
+                job, logs = submit(self.cfg, workflow)
+                log.info("submitted Slurm job %s; logs: %s", job, logs)
+                return {}
         if rank is None and self.cfg.scheduler.train_processes > 1:
             from areal_lite.scheduler.local import launch_torchrun
 

@@ -80,18 +80,19 @@ def test_two_processes_train_checkpoint_and_resume(tiny_model_dir, tmp_path):
 
 
 def test_two_processes_with_a_fake_sglang_server(tiny_model_dir, tiny_tokenizer, tmp_path):
-    server = subprocess.Popen([sys.executable, str(Path(__file__).parent / "fake_sglang_proc.py"),
-                               str(len(tiny_tokenizer))], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        url = server.stdout.readline().strip()
-        assert url.startswith("http://"), url
-        run_dir = train(cfg_for(tiny_model_dir, tmp_path, "trainer.total_steps=2",
-                                "rollout.backend=sglang", f'rollout.sglang.urls=["{url}"]',
-                                "rollout.sglang.weight_update=disk"), tmp_path)
-    finally:
-        server.stdin.close()
-        server.wait(timeout=30)
+    with subprocess.Popen([sys.executable, str(Path(__file__).parent / "fake_sglang_proc.py"),
+                           str(len(tiny_tokenizer))], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as server:
+        try:
+            url = server.stdout.readline().strip()
+            assert url.startswith("http://"), url
+            run_dir = train(cfg_for(tiny_model_dir, tmp_path, "trainer.total_steps=2",
+                                    "rollout.backend=sglang", f'rollout.sglang.urls=["{url}"]',
+                                    "rollout.sglang.weight_update=disk"), tmp_path)
+        finally:
+            server.stdin.close()  # the server's cue to stop
+            server.wait(timeout=30)
     rows = train_rows(run_dir)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["train/num_tokens"] > 0 for r in rows)
+    assert all(r["time/weight_swap_s"] > 0 for r in rows)  # disk updates from the shards
