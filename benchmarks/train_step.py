@@ -15,12 +15,19 @@ Prints one JSON line per result (all in the same run, same process):
                  asynchronous (2); seconds per step split into generation and update,
                  read from the run's metrics.jsonl (step 1 is warm-up and skipped when
                  there are more steps)
+    dist         the learner as 1 and as 2 FSDP2 processes (torchrun, gloo on CPU) on
+                 the same batch: learner tokens/s and the weight-export time (every
+                 sharded parameter gathered to full on rank 0, one at a time), with the
+                 2-process / 1-process ratio. On a 2-core CPU machine two processes
+                 share the same cores, so this shows the sharding overhead, not a
+                 speed-up (that needs one GPU per process)
 
 Usage::
 
     python benchmarks/train_step.py                              # SmolLM2 alias, slow on CPU
     python benchmarks/train_step.py --model tiny --steps 2       # random tiny model, seconds
     python benchmarks/train_step.py --only learner,swap
+    python benchmarks/train_step.py --model tiny --only dist --samples 32
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import argparse
 import asyncio
 import copy
 import json
+import os
 import random
 import sys
 import tempfile
@@ -38,7 +46,7 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-MEASURES = ("learner", "swap", "rl")
+MEASURES = ("learner", "swap", "rl", "dist")
 REFERENCE_WORKFLOW = "examples.gsm8k.agent.MathAgent"
 
 
@@ -188,6 +196,63 @@ def bench_rl(model_path: str, run_dir: Path, steps: int) -> None:
               "model": model_path, "run_dir": str(trainer.run_dir)})
 
 
+# ------------------------------------------------------------------- 1 vs 2 processes
+
+def dist_worker(model_dir: str, args) -> None:
+    """One rank under torchrun: a warm-up step, a timed step, a timed full export."""
+    from areal_lite.config import AlgorithmConfig, LearnerConfig
+    from areal_lite.models import load_causal_lm
+    from areal_lite.train.distributed import full_state_dict, init_dist
+    from areal_lite.train.learner import Learner
+
+    d = init_dist("cpu")
+    model = load_causal_lm(model_dir, device="cpu", dtype="float32")
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    groups = synthetic_groups(vocab, num_groups=args.samples // 8 or 1, group_size=8,
+                              min_len=args.min_len, max_len=args.max_len)
+    warm = synthetic_groups(vocab, num_groups=1, group_size=2, min_len=32, max_len=64, seed=1)
+    cfg = LearnerConfig(lr=1e-7, max_tokens_per_microbatch=args.max_tokens_per_microbatch)
+    learner = Learner(model, cfg=cfg, algo=AlgorithmConfig(), device="cpu", dist=d)
+    learner.train_step(warm)
+    torch.distributed.barrier()
+    start = time.perf_counter()
+    learner.train_step(groups)
+    step_s = time.perf_counter() - start
+    torch.distributed.barrier()
+    start = time.perf_counter()
+    weights = list(full_state_dict(learner.model, keep=d.is_leader))
+    export_s = time.perf_counter() - start
+    if d.is_leader:
+        tokens = sum(len(s.input_ids) for g in groups for s in g)
+        emit({"measure": "dist", "processes": d.world, "tokens_per_s": tokens / step_s,
+              "step_s": step_s, "export_s": export_s, "num_tokens": tokens,
+              "threads_per_process": torch.get_num_threads(),
+              "export_bytes": sum(t.numel() * t.element_size() for _, t in weights)})
+    torch.distributed.destroy_process_group()
+
+
+def bench_dist(model_dir: Path, args) -> None:
+    import subprocess
+
+    rows = {}
+    for n in (1, 2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={n}", __file__, "--dist-worker", str(model_dir),
+               "--samples", str(args.samples), "--min-len", str(args.min_len),
+               "--max-len", str(args.max_len),
+               "--max-tokens-per-microbatch", str(args.max_tokens_per_microbatch)]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=True)
+        [row] = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+        rows[n] = row
+        print(json.dumps(row), flush=True)
+    emit({"measure": "dist_ratio", "tokens_per_s_2_over_1":
+          rows[2]["tokens_per_s"] / rows[1]["tokens_per_s"],
+          "export_s_2_over_1": rows[2]["export_s"] / max(rows[1]["export_s"], 1e-9),
+          "cpu_cores": os.cpu_count(), "threads_per_process": rows[2]["threads_per_process"],
+          "note": "CPU gloo: 2 processes share this machine's cores; any gain is more "
+                  "threads in use, not sharding (that needs one GPU per process)"})
+
+
 # -------------------------------------------------------------------------------- main
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -203,6 +268,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens-per-microbatch", type=int, default=4096,
                    help="learner: padded tokens per forward (same for packing on and off)")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch default")
+    p.add_argument("--dist-worker", default="", help=argparse.SUPPRESS)  # one torchrun rank
     args = p.parse_args(argv)
     args.only = [m.strip() for m in args.only.split(",") if m.strip()]
     unknown = set(args.only) - set(MEASURES)
@@ -222,6 +288,9 @@ def main(argv: list[str] | None = None) -> None:
     from areal_lite.models import resolve_model_dir
     from areal_lite.testing.tiny import make_tiny_model_dir
 
+    if args.dist_worker:
+        dist_worker(args.dist_worker, args)
+        return
     with tempfile.TemporaryDirectory(prefix="areal-lite-bench-") as tmp:
         model_path = str(make_tiny_model_dir(Path(tmp) / "tiny")) if args.model == "tiny" \
             else args.model
@@ -232,6 +301,8 @@ def main(argv: list[str] | None = None) -> None:
             bench_swap(model_dir)
         if "rl" in args.only:
             bench_rl(model_path, args.run_dir or Path(tmp) / "runs", args.steps)
+        if "dist" in args.only:
+            bench_dist(model_dir, args)
 
 
 if __name__ == "__main__":

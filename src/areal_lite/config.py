@@ -255,9 +255,6 @@ class SchedulerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 "type",
                 n=self.nodes,
             )
-        if self.inference_nodes >= self.nodes:
-            raise _FieldError("{0} = {k} leaves no trainer node of {1} = {n}",
-                              "inference_nodes", "nodes", k=self.inference_nodes, n=self.nodes)
 
 
 class DataConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

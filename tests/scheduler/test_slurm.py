@@ -61,15 +61,17 @@ def test_slurm_without_sbatch_fails_at_start_naming_the_key(tmp_path, capsys, mo
     assert "scheduler.type = 'slurm' needs Slurm's `sbatch`" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("overrides", "keys"), [
-    (["scheduler.nodes=2"], ("scheduler.nodes", "scheduler.type")),
-    (["scheduler.type=slurm", "scheduler.nodes=2", "scheduler.inference_nodes=2"],
-     ("scheduler.inference_nodes", "scheduler.nodes")),
-])
-def test_layouts_that_cannot_work_name_their_keys(overrides, keys):
-    with pytest.raises(ConfigError) as err:
-        loads_config("", overrides)
-    assert all(k in str(err.value) for k in keys)
+def test_nodes_with_the_local_scheduler_fails_naming_the_keys():
+    with pytest.raises(ConfigError, match=r"scheduler\.nodes must be 1 when scheduler\.type"):
+        loads_config("", ["scheduler.nodes=2"])
+
+
+def test_no_trainer_node_left_fails_at_start_naming_the_keys(tmp_path, capsys):
+    config = write_config(tmp_path, "scheduler.type=slurm", "scheduler.nodes=2",
+                          "scheduler.inference_nodes=2")
+    assert main(["train", str(config), "--dry-run"]) == 2
+    assert ("scheduler.inference_nodes = 2 leaves no trainer node of scheduler.nodes = 2"
+            in capsys.readouterr().err)
 
 
 def test_more_processes_than_gpus_fails_naming_the_key():

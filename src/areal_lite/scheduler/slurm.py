@@ -37,6 +37,9 @@ def in_slurm_job() -> bool:
 def render_sbatch(cfg: ExperimentConfig, config: Path) -> str:
     """The batch script for `cfg`; `config` is the TOML every process reads."""
     s = cfg.scheduler
+    if s.inference_nodes >= s.nodes:  # checked here: a rule only the Slurm layout has
+        raise ConfigError(f"scheduler.inference_nodes = {s.inference_nodes} leaves no trainer "
+                          f"node of scheduler.nodes = {s.nodes}")
     run_dir = run_path(cfg).resolve()
     py = shlex.quote(sys.executable)
     head = [f"#SBATCH --job-name={cfg.experiment_name}-{cfg.trial_name}",

@@ -22,9 +22,12 @@ Commands (`Leader` on rank 0 -> `serve_followers` on the rest, by broadcast):
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import heapq
 import os
+import signal
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +91,8 @@ def init_dist(device: str | torch.device = "cpu", timeout_s: float = 1800.0) -> 
         raise RuntimeError(f"not started by torchrun: {', '.join(missing)} unset; run "
                            f"`torchrun --nproc-per-node N -m areal_lite.cli train ...` or set "
                            f"scheduler.train_processes and let `areal-lite train` start it")
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        _die_with_launcher()
     device = torch.device(device)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -96,6 +101,19 @@ def init_dist(device: str | torch.device = "cpu", timeout_s: float = 1800.0) -> 
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=timeout_s))
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(), device=device)
+
+
+def _die_with_launcher() -> None:
+    """torchrun starts each rank in its own session, so a SIGKILL of the launcher (or of
+    `areal-lite train` above it) would leave the ranks training on as orphans, racing a
+    restarted run for the same checkpoints. Ask Linux to kill this rank with its parent."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() == 1:  # the launcher died before the call above
+        os._exit(1)
 
 
 def shard_model(model: torch.nn.Module, compute_dtype: torch.dtype) -> torch.nn.Module:

@@ -43,6 +43,12 @@ from areal_lite.train.algorithms import (
     make_advantage_fn,
     token_advantages,
 )
+from areal_lite.train.distributed import (
+    Dist,
+    grad_norm_and_clip,
+    shard_model,
+    token_balanced_split,
+)
 from areal_lite.train.logprobs import (
     forward_logits,
     make_microbatches,
@@ -50,7 +56,6 @@ from areal_lite.train.logprobs import (
     token_entropy,
     token_logprobs,
 )
-from areal_lite.train.distributed import Dist, grad_norm_and_clip, shard_model, token_balanced_split
 from areal_lite.train.losses import LOSSES
 from areal_lite.types import Sample
 
