@@ -41,7 +41,7 @@ from areal_lite.train.checkpoint import (
 )
 from areal_lite.train.distributed import Leader
 from areal_lite.train.learner import Learner
-from areal_lite.train.ranks import follow, launched_rank, make_learner
+from areal_lite.train.ranks import follow, launched_rank, make_learner, under_torchrun
 from areal_lite.train.weight_sync import WeightSync, make_weight_sync
 from areal_lite.types import Sample
 
@@ -84,14 +84,14 @@ class Trainer:
             raise RuntimeError("Trainer.train() was called inside an event loop; "
                                "use `await trainer.atrain(workflow)` there")
         rank = launched_rank()
-        if self.cfg.scheduler.type == "slurm" and rank is None:
+        if self.cfg.scheduler.type == "slurm" and not under_torchrun():
             from areal_lite.scheduler.slurm import in_slurm_job, submit
 
             if not in_slurm_job():  # the job runs this same train() on its nodes
                 job, logs = submit(self.cfg, workflow)
                 log.info("submitted Slurm job %s; logs: %s", job, logs)
                 return {}
-        if rank is None and self.cfg.scheduler.train_processes > 1:
+        if not under_torchrun() and self.cfg.scheduler.train_processes > 1:
             from areal_lite.scheduler.local import launch_torchrun
 
             launch_torchrun(self.cfg, workflow)  # this process waits; the ranks train

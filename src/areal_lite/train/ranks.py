@@ -21,7 +21,13 @@ from areal_lite.config import ConfigError, ExperimentConfig
 from areal_lite.train.distributed import Dist, Leader, init_dist, serve_followers
 from areal_lite.train.learner import Learner
 
-__all__ = ["ShardedWeights", "check_processes", "follow", "launched_rank", "make_learner"]
+__all__ = ["ShardedWeights", "check_processes", "follow", "launched_rank", "make_learner",
+           "under_torchrun"]
+
+
+def under_torchrun() -> bool:
+    """Started by torchrun (or anything that sets its rendezvous variables)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ
 
 
 def launched_rank() -> int | None:
@@ -39,7 +45,7 @@ def check_processes(cfg: ExperimentConfig, device: str) -> None:
                           f"{torch.cuda.device_count()} CUDA device(s); use at most that many "
                           f"(one learner process per GPU) or actor.device = 'cpu'")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched_rank() is not None and world % n:
+    if under_torchrun() and world % n:
         raise ConfigError(f"torchrun started {world} processes, not a multiple of "
                           f"scheduler.train_processes = {n}; start it with --nproc-per-node {n}")
 

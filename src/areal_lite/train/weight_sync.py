@@ -91,7 +91,10 @@ async def swap_weights(engine: Engine, model: torch.nn.Module, version: int, *,
             await asyncio.to_thread(shutil.rmtree, path, ignore_errors=True)
     if mode not in ("copy", "tensor"):
         raise ValueError(f"unknown weight-update mode {mode!r}")
-    return await _paused(engine, lambda: engine.update_weights(named_weights(model), version))
+    # before the pause and off the loop: from an FSDP2 model (train/ranks.py) this
+    # gathers every sharded parameter, a collective with the other learner ranks
+    named = await asyncio.to_thread(named_weights, model)
+    return await _paused(engine, lambda: engine.update_weights(named, version))
 
 
 async def _paused(engine: Engine, update: Callable[[], Awaitable[None]]) -> float:
