@@ -34,14 +34,19 @@ from areal_lite.rollout.stack import RolloutStack, open_rollout, resolve_device
 from areal_lite.runtime import limit_malloc_growth, run_async
 from areal_lite.train.algorithms import overlong_penalty
 from areal_lite.train.checkpoint import (
-    SHARDED_DIR,
     load_latest_checkpoint,
     restore_rng,
     save_checkpoint,
 )
 from areal_lite.train.distributed import Leader
 from areal_lite.train.learner import Learner
-from areal_lite.train.ranks import follow, launched_rank, make_learner, under_torchrun
+from areal_lite.train.ranks import (
+    follow,
+    launched_rank,
+    make_learner,
+    restore_learner,
+    under_torchrun,
+)
 from areal_lite.train.weight_sync import WeightSync, make_weight_sync
 from areal_lite.types import Sample
 
@@ -239,16 +244,7 @@ class Trainer:
         if found is None:
             return
         path, state = found
-        if isinstance(learner, Leader):  # every rank loads its shards (any rank count)
-            await asyncio.to_thread(learner.load_sharded, path / SHARDED_DIR, int(state["step"]))
-        else:
-            from safetensors.torch import load_file
-
-            weights: dict = {}
-            for shard in sorted(path.glob("*.safetensors")):
-                weights.update(load_file(str(shard)))
-            model.load_state_dict(weights, strict=False)
-            learner.load_state_dict(state["learner"])
+        await asyncio.to_thread(restore_learner, learner, path, state)  # train/ranks.py
         prompts.load_state_dict(state["extra"]["data"])
         restore_rng(state)
         self.step = int(state["step"])

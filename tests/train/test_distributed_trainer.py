@@ -104,6 +104,13 @@ def test_two_processes_killed_and_resumed(tiny_model_dir, tmp_path):
     assert state["extra"]["version"] == k + 2
     assert drawn_not_trained(state) == 2 * (k + 2)  # none twice, none skipped
 
+    # the sharded checkpoint of 2 ranks resumes in 1 process too (DCP reshards)
+    train(cfg_for(tiny_model_dir, tmp_path, f"trainer.total_steps={k + 3}",
+                  "data.train=arithmetic:40", "scheduler.train_processes=1"), tmp_path)
+    _, state = load_latest_checkpoint(run_dir)
+    assert state["step"] == k + 3 and state["learner"]["step"] == k + 3
+    assert drawn_not_trained(state) == 2 * (k + 3)
+
 
 def test_two_processes_with_a_fake_sglang_server(tiny_model_dir, tiny_tokenizer, tmp_path):
     with subprocess.Popen([sys.executable, str(Path(__file__).parent / "fake_sglang_proc.py"),

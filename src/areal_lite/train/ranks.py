@@ -13,16 +13,24 @@ same model, shard it, and obey rank 0 until it says stop.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from areal_lite.config import ConfigError, ExperimentConfig
-from areal_lite.train.distributed import Dist, Leader, init_dist, serve_followers
+from areal_lite.train.checkpoint import SHARDED_DIR
+from areal_lite.train.distributed import (
+    Dist,
+    Leader,
+    init_dist,
+    load_sharded,
+    serve_followers,
+)
 from areal_lite.train.learner import Learner
 
 __all__ = ["ShardedWeights", "check_processes", "follow", "launched_rank", "make_learner",
-           "under_torchrun"]
+           "restore_learner", "under_torchrun"]
 
 
 def under_torchrun() -> bool:
@@ -88,6 +96,29 @@ def follow(cfg: ExperimentConfig, device: str) -> None:
         serve_followers(learner, d)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def restore_learner(learner: Learner | Leader, path: Path, state: dict) -> None:
+    """Load a checkpoint's weights and optimizer state into this run's learner. Sharded
+    checkpoints load at any process count (one process reads every rank's shards);
+    one written by a single process resumes only with one."""
+    sharded, step = Path(path) / SHARDED_DIR, int(state["step"])
+    if isinstance(learner, Leader):
+        if not sharded.is_dir():
+            raise ConfigError(f"{path} was written by one learner process (no {SHARDED_DIR}/); "
+                              f"resume it with scheduler.train_processes = 1")
+        learner.load_sharded(sharded, step)
+    elif sharded.is_dir():
+        load_sharded(learner.model, learner.optimizer, sharded)
+        learner.step = step
+    else:
+        from safetensors.torch import load_file
+
+        weights: dict = {}
+        for shard in sorted(Path(path).glob("*.safetensors")):
+            weights.update(load_file(str(shard)))
+        learner.model.load_state_dict(weights, strict=False)
+        learner.load_state_dict(state["learner"])
 
 
 def _build(cfg: ExperimentConfig, model_dir: str, device: str, d: Dist | None):
