@@ -21,7 +21,6 @@ Commands (`Leader` on rank 0 -> `serve_followers` on the rest, by broadcast):
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import datetime
 import heapq
@@ -40,6 +39,7 @@ __all__ = [
     "Dist",
     "Leader",
     "full_state_dict",
+    "grad_norm_and_clip",
     "init_dist",
     "load_sharded",
     "save_sharded",
@@ -259,12 +259,3 @@ def serve_followers(learner, d: Dist) -> None:
         else:
             raise RuntimeError(f"unknown learner command {op!r} from rank 0")
 
-
-@contextlib.contextmanager
-def destroy_on_exit():
-    """Tear the process group down when the block ends (normal exit or error)."""
-    try:
-        yield
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
