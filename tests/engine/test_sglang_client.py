@@ -18,6 +18,7 @@ from areal_lite.engine.base import (
     Engine,
     EngineError,
     EngineUnavailable,
+    GenerationAborted,
 )
 from areal_lite.engine.sglang.client import SGLangEngine
 from areal_lite.engine.sglang.routing import SessionRouter
@@ -310,14 +311,26 @@ async def test_requests_wait_while_paused(http):
         "model_path": "/ckpt/step1", "abort_all_requests": True, "weight_version": "3"}
 
 
-async def test_server_side_abort_reaches_the_caller(http):
+@pytest.mark.parametrize("stream", [False, True])
+async def test_server_side_abort_is_an_error_never_a_finished_text(http, stream):
     async with fakes(latency_s=0.01) as [fake]:
         eng = engine(http, [fake], max_context_len=4096)
-        task = asyncio.create_task(eng.generate(request(rid="x", max_new_tokens=500)))
+        req = request(rid="x", max_new_tokens=500, session_id="ep")
+
+        async def run():
+            if not stream:
+                return await eng.generate(req)
+            return [c async for c in eng.stream(req)]
+
+        task = asyncio.create_task(run())
         await fake.state.wait_until(lambda: fake.state.num_tokens_emitted >= 3)
-        fake.state.abort("x")
-        res = await task
-    assert res.finish_reason == "abort" and 3 <= len(res.output_ids) < 500
+        fake.state.abort("x", "Aborted by a server-side limit")
+        with pytest.raises(GenerationAborted, match="server-side limit"):
+            await task
+        assert fake.state.calls["/generate"] == 1  # not resubmitted: the cause stays
+    assert eng.num_aborted == 1
+    assert "aborted request x" in eng.end_session("ep")
+    assert eng.end_session("ep") is None and eng.router.session_url("ep") is None
 
 
 async def test_weight_update_calls(http):
