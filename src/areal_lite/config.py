@@ -192,7 +192,7 @@ class SGLangConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     api_key: str = ""  # bearer token for the servers; "" = none
     request_timeout_s: PosFloat = 3600.0  # one /generate call, seconds
     connect_timeout_s: PosFloat = 10.0  # opening a connection, seconds
-    max_retries: NonNegInt = 3  # retries of a failed request (connection errors only)
+    max_retries: NonNegInt = 3  # retries of a failed request at least (more within outage_timeout_s)
     max_connections: PosInt = 1024  # keep-alive pool size over all servers
     weight_update: Literal["tensor", "distributed", "disk"] = "disk"  # how new weights arrive
     tp_size: PosInt = 1  # tensor-parallel size of each server
@@ -244,9 +244,10 @@ class RolloutConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if self.backend == "sglang" and not self.sglang.urls and not self.sglang.launch:
             raise _FieldError(
                 "{0} must list at least one server URL when {1} = 'sglang' (or set "
-                "sglang.launch = true)",
+                "{2} = true)",
                 "sglang.urls",
                 "backend",
+                "sglang.launch",
             )
 
 

@@ -7,9 +7,10 @@ watches each process: one that exits is taken out of the engine's routing and co
 calls, restarted after a backoff (at most `max_restarts` times, counted in
 `num_restarts`), and brought to the engine's current weight version before it gets
 traffic again: from the last checkpoint the engine loaded from disk (kept here, hard
-linked, because the trainer deletes its copy), or, for tensor/distributed updates,
-by holding it out of routing until the next update reaches it. When a server cannot
-come back, `wait_failure()` raises an error naming it and its log, so the run ends.
+linked, because the trainer deletes its copy), or, for tensor updates, by holding it
+out of routing until the next update reaches it. A server of a distributed (NCCL)
+weight-update group cannot rejoin it, so there an exit ends the run. When a server
+cannot come back, `wait_failure()` raises an error naming it and its log.
 
 `servers.json` in the log directory lists each server's url, pid and log.
 """
@@ -160,6 +161,12 @@ class ServerFleet:
                 log.warning("%s exited with code %s; restarting it", server.describe(), code)
                 assert self._engine is not None
                 self._engine.server_down(server.url)
+                if self.cfg.weight_update == "distributed":
+                    raise ServerLaunchError(
+                        f"{server.describe()} exited with code {code}; a restarted server "
+                        f"cannot rejoin the trainer's weight-update group, so the run "
+                        f"stops (use rollout.sglang.weight_update = 'disk' to survive "
+                        f"restarts). Its log:\n{server.log_tail()}")
                 await self._notify()
                 await self._restart(server, code)
                 await self._notify()
