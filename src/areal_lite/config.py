@@ -212,6 +212,7 @@ class SGLangConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     launch_timeout_s: PosFloat = 900.0  # start -> /health_generate answers 200, seconds
     max_restarts: NonNegInt = 3  # restarts of one launched server before the run fails
     restart_backoff_s: NonNegFloat = 2.0  # wait before a restart, doubled per restart of that server
+    health_check_interval_s: NonNegFloat = 10.0  # probe launched servers; 3 misses = restart; 0 = off
 
     def __post_init__(self) -> None:
         for i, url in enumerate(self.urls):

@@ -256,3 +256,17 @@ async def test_an_aborted_request_fails_its_episode_and_exports_nothing(tiny_mod
     assert ep.failed and ep.error == "aborted" and ep.samples == []
     assert stack.controller.stats.failures == {"aborted": 1}
     assert isinstance(GenerationAborted("x"), EngineError)
+
+
+async def test_a_stalled_server_is_killed_and_restarted(http, tmp_path):
+    cfg = fleet_cfg(health_check_interval_s=0.2, server_args=["--fake-stall-after", "1"])
+    async with ServerFleet(cfg, model_path="fake/m", log_dir=tmp_path, session=http) as fleet:
+        eng = SGLangEngine(fleet.urls, session=http, max_context_len=4096,
+                           request_timeout_s=2.0, max_retries=0)
+        fleet.supervise(eng)
+        first = fleet.servers[0].pid
+        with pytest.raises(EngineError, match="no result within"):
+            await eng.generate(request())  # it stalls from its first request on
+        await fleet.wait_for(lambda: fleet.num_restarts == 1 and not eng.router.offline)
+        assert fleet.servers[0].pid != first and not alive(first)
+        assert "stalling from /generate request 1" in (tmp_path / "server_0.log").read_text()

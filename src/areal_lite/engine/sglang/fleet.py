@@ -133,6 +133,9 @@ class ServerFleet:
         engine.on_disk_weights = self._keep_weights
         self._watchers = [asyncio.create_task(self._watch(s), name=f"sglang-server-{s.index}")
                           for s in self.servers]
+        if self.cfg.health_check_interval_s:
+            self._watchers += [asyncio.create_task(self._probe(s), name=f"sglang-probe-{s.index}")
+                               for s in self.servers]
 
     async def wait_for(self, predicate: Callable[[], bool]) -> None:
         """Return once `predicate()` holds, checked whenever a server goes or comes back."""
@@ -175,6 +178,25 @@ class ServerFleet:
             if self._failure is not None and not self._failure.done():
                 self._failure.set_exception(e)
             await self._notify()
+
+    async def _probe(self, server: LaunchedServer, misses_to_kill: int = 3) -> None:
+        """Kill a server that is up but stopped answering (a stall): `_watch` then
+        restarts it. Not probed while down or paused (a paused server's probe waits)."""
+        interval = self.cfg.health_check_interval_s
+        timeout_s = min(30.0, max(1.0, 3 * interval))
+        misses = 0
+        while True:
+            await asyncio.sleep(interval)
+            engine = self._engine
+            if engine is None or engine.paused or server.url in engine.router.offline:
+                misses = 0
+                continue
+            misses = 0 if await server.probe(self._session, timeout_s=timeout_s) else misses + 1
+            if misses >= misses_to_kill:
+                log.warning("%s missed %d health probes in a row; killing it to restart it",
+                            server.describe(), misses)
+                server.kill_now()
+                misses = 0
 
     async def _restart(self, server: LaunchedServer, code: int) -> None:
         cfg = self.cfg

@@ -131,11 +131,8 @@ class LaunchedServer:
                     raise ServerLaunchError(
                         f"{self.describe()} exited with code {exited.result()} before it "
                         f"was healthy; see the log:\n{self.log_tail()}")
-                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                    async with session.get(self.url + "/health_generate",
-                                           timeout=aiohttp.ClientTimeout(total=5.0)) as r:
-                        if r.status == 200:
-                            return
+                if await self.probe(session, timeout_s=5.0):
+                    return
                 if loop.time() >= deadline:
                     raise ServerLaunchError(
                         f"{self.describe()} not healthy after {timeout_s}s "
@@ -145,6 +142,14 @@ class LaunchedServer:
         finally:
             if not exited.done():
                 exited.cancel()
+
+    async def probe(self, session: aiohttp.ClientSession, *, timeout_s: float) -> bool:
+        """Whether GET /health_generate answers 200 within `timeout_s` (a 1-token probe)."""
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            async with session.get(self.url + "/health_generate",
+                                   timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
+                return r.status == 200
+        return False
 
     async def wait_exit(self) -> int:
         assert self.proc is not None, "start() first"
