@@ -192,7 +192,7 @@ class SGLangConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     api_key: str = ""  # bearer token for the servers; "" = none
     request_timeout_s: PosFloat = 3600.0  # one /generate call, seconds
     connect_timeout_s: PosFloat = 10.0  # opening a connection, seconds
-    max_retries: NonNegInt = 3  # retries of a failed request (connection errors only)
+    max_retries: NonNegInt = 3  # retries of a failed request at least (more within outage_timeout_s)
     max_connections: PosInt = 1024  # keep-alive pool size over all servers
     weight_update: Literal["tensor", "distributed", "disk"] = "disk"  # how new weights arrive
     tp_size: PosInt = 1  # tensor-parallel size of each server
@@ -200,6 +200,19 @@ class SGLangConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     weight_group_port: Port = 0  # rendezvous TCP port on the trainer; 0 = pick a free one
     weight_group_backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto = nccl if CUDA, else gloo
     weight_group_timeout_s: PosFloat = 600.0  # limit to join the group, and for one update, seconds
+    outage_timeout_s: NonNegFloat = 180.0  # how long every server call retries through an outage, s
+    launch: bool = False  # start, supervise and stop the servers ourselves (urls must be empty)
+    launch_command: list[str] = []  # argv prefix; [] = [this python, "-m", "sglang.launch_server"]
+    num_servers: PosInt = 1  # servers to launch, each with tp_size GPUs
+    host: str = "127.0.0.1"  # address the launched servers bind and we call
+    base_port: Port = 30000  # server i listens on base_port + i; 0 = free ports
+    mem_fraction_static: Fraction = 0.0  # --mem-fraction-static; 0 = SGLang's automatic choice
+    colocate: bool = False  # servers share the trainer's GPUs (--enable-memory-saver)
+    server_args: list[str] = []  # extra flags for every launched server, e.g. ["--dtype", "bfloat16"]
+    launch_timeout_s: PosFloat = 900.0  # start -> /health_generate answers 200, seconds
+    max_restarts: NonNegInt = 3  # restarts of one launched server before the run fails
+    restart_backoff_s: NonNegFloat = 2.0  # wait before a restart, doubled per restart of that server
+    health_check_interval_s: NonNegFloat = 10.0  # probe launched servers; 3 misses = restart; 0 = off
 
     def __post_init__(self) -> None:
         for i, url in enumerate(self.urls):
@@ -207,6 +220,9 @@ class SGLangConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 raise _FieldError(
                     "{0} must start with http:// or https://, got {url!r}", f"urls[{i}]", url=url
                 )
+        if self.launch and self.urls:
+            raise _FieldError("{0} must be empty when {1} = true (the launched servers' urls "
+                              "are known at start); drop one of them", "urls", "launch")
 
 
 class RolloutConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -226,11 +242,13 @@ class RolloutConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     sglang: SGLangConfig = msgspec.field(default_factory=SGLangConfig)  # backend=sglang
 
     def __post_init__(self) -> None:
-        if self.backend == "sglang" and not self.sglang.urls:
+        if self.backend == "sglang" and not self.sglang.urls and not self.sglang.launch:
             raise _FieldError(
-                "{0} must list at least one server URL when {1} = 'sglang'",
+                "{0} must list at least one server URL when {1} = 'sglang' (or set "
+                "{2} = true)",
                 "sglang.urls",
                 "backend",
+                "sglang.launch",
             )
 
 

@@ -127,10 +127,15 @@ class Trainer:
             run = await self._open_run(stack, exits)
             async with asyncio.TaskGroup() as tasks:
                 producing = tasks.create_task(run.producer.run(), name="group-producer")
+                watching = None  # a launched server that cannot come back ends the run
+                if stack.servers is not None:
+                    watching = tasks.create_task(stack.servers.wait_failure(), name="servers")
                 try:
                     last = await self._loop(run)
                 finally:
                     producing.cancel()  # every running group is cancelled with it
+                    if watching is not None:
+                        watching.cancel()
             run.metrics.plot()
             return last
 
@@ -201,6 +206,8 @@ class Trainer:
                "time/weight_swap_s": paused_s, "time/step_s": time.perf_counter() - t0,
                "version": float(self.version)}
         row.update(self._engine_metrics(run.stack.engine))
+        if run.stack.servers is not None:  # restarts, sessions moved, aborts (SGLang)
+            row.update(run.stack.servers.metrics())
         run.metrics.log(self.step, row)
         run.metrics.progress(self.step, self.cfg.trainer.total_steps, row)
         return row

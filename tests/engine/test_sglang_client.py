@@ -18,6 +18,7 @@ from areal_lite.engine.base import (
     Engine,
     EngineError,
     EngineUnavailable,
+    GenerationAborted,
 )
 from areal_lite.engine.sglang.client import SGLangEngine
 from areal_lite.engine.sglang.routing import SessionRouter
@@ -310,14 +311,26 @@ async def test_requests_wait_while_paused(http):
         "model_path": "/ckpt/step1", "abort_all_requests": True, "weight_version": "3"}
 
 
-async def test_server_side_abort_reaches_the_caller(http):
+@pytest.mark.parametrize("stream", [False, True])
+async def test_server_side_abort_is_an_error_never_a_finished_text(http, stream):
     async with fakes(latency_s=0.01) as [fake]:
         eng = engine(http, [fake], max_context_len=4096)
-        task = asyncio.create_task(eng.generate(request(rid="x", max_new_tokens=500)))
+        req = request(rid="x", max_new_tokens=500, session_id="ep")
+
+        async def run():
+            if not stream:
+                return await eng.generate(req)
+            return [c async for c in eng.stream(req)]
+
+        task = asyncio.create_task(run())
         await fake.state.wait_until(lambda: fake.state.num_tokens_emitted >= 3)
-        fake.state.abort("x")
-        res = await task
-    assert res.finish_reason == "abort" and 3 <= len(res.output_ids) < 500
+        fake.state.abort("x", "Aborted by a server-side limit")
+        with pytest.raises(GenerationAborted, match="server-side limit"):
+            await task
+        assert fake.state.calls["/generate"] == 1  # not resubmitted: the cause stays
+    assert eng.num_aborted == 1
+    assert "aborted request x" in eng.end_session("ep")
+    assert eng.end_session("ep") is None and eng.router.session_url("ep") is None
 
 
 async def test_weight_update_calls(http):
@@ -461,3 +474,28 @@ async def test_stats_count_tokens_and_the_servers_prefix_reuse(http, stream):
     metrics = engine_metrics(EngineStats(step_counts=False), stats, wall_s=2.0)
     assert metrics == {"engine/gen_tokens_per_s": 6.0,
                        "engine/prefill_reuse_frac": pytest.approx(32 / 80)}
+
+
+async def test_every_call_retries_through_an_outage_within_the_budget(http):
+    """The weight swap's pause and a generate survive a server that refuses for a while
+    (503 while restarting, dropped connections); past the budget they fail, naming it."""
+    async with fakes() as [fake]:
+        eng = engine(http, [fake], max_context_len=4096, max_retries=0,
+                     outage_timeout_s=30.0, retry_backoff_s=0.01)
+        fake.fail_next(4, 503, path="/pause_generation")
+        fake.fail_next(4, "disconnect")
+        await eng.pause()
+        await eng.resume()
+        res = await eng.generate(request())
+        assert fake.state.calls["/pause_generation"] == 5 and eng.control.num_retries == 4
+        assert len(res.output_ids) == 8 and fake.state.calls["/generate"] == 5
+        short = engine(http, [fake], max_context_len=4096, max_retries=1,
+                       outage_timeout_s=0.05, retry_backoff_s=0.02)
+        fake.fail_next(100, 503, path="/pause_generation")
+        with pytest.raises(EngineUnavailable, match=r"still unreachable .*outage_timeout_s"):
+            await short.pause()
+        fake.state.failures.clear()
+    dead = engine(http, [dead_url()], max_context_len=4096, max_retries=1,
+                  outage_timeout_s=0.1, retry_backoff_s=0.02)
+    with pytest.raises(EngineUnavailable, match=r"outage_timeout_s = 0.1"):
+        await dead.generate(request())

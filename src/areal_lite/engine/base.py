@@ -7,7 +7,9 @@ Exceptions::
 
     EngineError                  any failure the engine reports
     ├── EngineUnavailable        no server reachable / engine closed  (proxy: 503)
-    └── ContextLengthExceeded    prompt + max_new_tokens too long     (proxy: 400)
+    ├── ContextLengthExceeded    prompt + max_new_tokens too long     (proxy: 400)
+    └── GenerationAborted        the server aborted the request: its partial output
+                                 is not a finished completion (its episode fails)
 """
 
 from __future__ import annotations
@@ -29,6 +31,20 @@ class EngineUnavailable(EngineError):
 
 class ContextLengthExceeded(EngineError):
     """The prompt plus max_new_tokens does not fit the model's context."""
+
+
+class GenerationAborted(EngineError):
+    """The server aborted the request for a reason that resubmitting would not fix
+    (`/abort_request`, a server-side limit). Never export the partial output."""
+
+
+@runtime_checkable
+class SessionAware(Protocol):
+    """An engine that keeps per-episode state (routing bindings, aborts seen)."""
+
+    def end_session(self, session_id: str) -> str | None:
+        """Forget the episode; returns why one of its requests was aborted, if one was."""
+        ...
 
 
 @runtime_checkable

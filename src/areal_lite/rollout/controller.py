@@ -3,8 +3,10 @@
 `RolloutController.run_group(row, n)` starts n sessions, runs the workflow once per
 session (inline coroutine or subprocess), assigns the returned rewards to the
 session's completions, exports them (individual/concat, turn discount) and frees the
-session. A failing episode (exception, timeout, bad reward) fails alone: it is counted,
-logged once with its traceback, and its group goes on with the others (decision 5).
+session. A failing episode (exception, timeout, bad reward, a request the engine
+aborted) fails alone: it is counted, logged once with its traceback, and its group goes
+on with the others (decision 5). An aborted request fails its episode even when the
+agent caught the error: its partial output is never training data (decision 10).
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import traceback
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from areal_lite.engine.base import GenerationAborted
 from areal_lite.proxy.app import ProxyServer
 from areal_lite.proxy.sessions import Session
 from areal_lite.rollout.agent import BadReward, run_workflow
@@ -30,7 +34,7 @@ class EpisodeResult:
     samples: list[Sample]  # empty when the episode failed
     reward: float | None  # the scalar reward, or the mean of a dict's values
     num_completions: int  # completions recorded in the episode's tree
-    error: str | None = None  # "timeout" | "bad_reward" | "exception:<Type>" when failed
+    error: str | None = None  # "timeout" | "bad_reward" | "aborted" | "exception:<Type>"
 
     @property
     def failed(self) -> bool:
@@ -64,8 +68,10 @@ class RolloutController:
 
     def __init__(self, proxy: ProxyServer, workflow: Any, *, http_client: Any,
                  episode_timeout_s: float, max_concurrent: int,
-                 pool: ProcessPoolExecutor | None = None) -> None:
+                 pool: ProcessPoolExecutor | None = None,
+                 end_session: Callable[[str], str | None] | None = None) -> None:
         self.proxy, self.workflow, self.http_client, self.pool = proxy, workflow, http_client, pool
+        self._end_session = end_session  # engine hook: forget the episode, say if aborted
         self.episode_timeout_s = episode_timeout_s
         self._slots = asyncio.Semaphore(max_concurrent)
         self.stats = RolloutStats()
@@ -87,6 +93,8 @@ class RolloutController:
                 self.num_running -= 1
                 if not session.ended:
                     self.proxy.sessions.end(session.id)
+                if self._end_session is not None:
+                    self._end_session(session.id)
 
     async def _episode(self, session: Session, data: dict) -> EpisodeResult:
         self.stats.num_episodes += 1
@@ -101,7 +109,13 @@ class RolloutController:
         except BadReward as e:
             return self._fail(session, "bad_reward", e)
         except Exception as e:  # episode boundary: the agent's failure is its own
+            aborted = self._end_session(session.id) if self._end_session else None
+            if aborted is not None:
+                return self._fail(session, "aborted", GenerationAborted(aborted))
             return self._fail(session, f"exception:{type(e).__name__}", e)
+        aborted = self._end_session(session.id) if self._end_session else None
+        if aborted is not None:  # the agent went on past the error: still no samples
+            return self._fail(session, "aborted", GenerationAborted(aborted))
         samples = self.proxy.exporter(self.proxy.sessions.end(session.id))
         scalar = reward if isinstance(reward, float) else (
             sum(reward.values()) / len(reward) if reward else None)

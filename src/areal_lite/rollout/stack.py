@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from areal_lite.config import ExperimentConfig
-from areal_lite.engine.base import Engine
+from areal_lite.config import ExperimentConfig, run_path
+from areal_lite.engine.base import Engine, SessionAware
 from areal_lite.export import export_episode
 from areal_lite.proxy.app import ProxyServer
 from areal_lite.proxy.chat import ChatDefaults
@@ -35,6 +35,7 @@ class RolloutStack:
     controller: RolloutController
     tokenizer: Any
     model_dir: str  # resolved HF checkpoint directory of actor.path
+    servers: Any = None  # the launched SGLang servers (engine/sglang/fleet.py), if any
 
 
 def resolve_device(device: str) -> str:
@@ -56,7 +57,8 @@ def make_exporter(cfg: ExperimentConfig):
 
 
 async def _open_engine(cfg: ExperimentConfig, model_dir: str, tokenizer,
-                       stack: contextlib.AsyncExitStack) -> Engine:
+                       stack: contextlib.AsyncExitStack) -> tuple[Engine, Any]:
+    """The configured engine, and the fleet of servers it launched (or None)."""
     r = cfg.rollout
     if r.backend == "sglang":
         import aiohttp
@@ -65,14 +67,25 @@ async def _open_engine(cfg: ExperimentConfig, model_dir: str, tokenizer,
 
         connector = aiohttp.TCPConnector(limit=r.sglang.max_connections, keepalive_timeout=60)
         session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
-        engine = SGLangEngine(list(r.sglang.urls), session=session,
+        fleet, urls = None, list(r.sglang.urls)
+        if r.sglang.launch:  # the run owns its servers (decision 10)
+            from areal_lite.engine.sglang.fleet import ServerFleet
+
+            fleet = await stack.enter_async_context(ServerFleet(
+                r.sglang, model_path=model_dir, log_dir=run_path(cfg) / "servers",
+                session=session, gpus_per_node=cfg.scheduler.gpus_per_node))
+            urls = fleet.urls
+        engine = SGLangEngine(urls, session=session,
                               request_timeout_s=r.sglang.request_timeout_s,
                               connect_timeout_s=r.sglang.connect_timeout_s,
                               max_retries=r.sglang.max_retries,
+                              outage_timeout_s=r.sglang.outage_timeout_s,
                               api_key=r.sglang.api_key or None, tp_size=r.sglang.tp_size)
         await engine.start()
         stack.push_async_callback(engine.close)
-        return engine
+        if fleet is not None:
+            fleet.supervise(engine)
+        return engine, fleet
     from areal_lite.engine.local.engine import LocalEngine
     from areal_lite.models import load_causal_lm
 
@@ -85,7 +98,7 @@ async def _open_engine(cfg: ExperimentConfig, model_dir: str, tokenizer,
                          fused_forward=r.local.fused_forward)
     await engine.start()
     stack.push_async_callback(engine.close)
-    return engine
+    return engine, None
 
 
 @contextlib.asynccontextmanager
@@ -102,8 +115,9 @@ async def open_rollout(cfg: ExperimentConfig, workflow: Any = None, *,
     async with contextlib.AsyncExitStack() as stack:
         if hasattr(wf, "aclose"):
             stack.push_async_callback(wf.aclose)
+        servers = None
         if engine is None:
-            engine = await _open_engine(cfg, str(model_dir), tokenizer, stack)
+            engine, servers = await _open_engine(cfg, str(model_dir), tokenizer, stack)
         tool_parser = r.proxy.tool_parser
         if tool_parser == "auto":
             tool_parser = detect_tool_parser(getattr(tokenizer, "chat_template", None))
@@ -124,6 +138,8 @@ async def open_rollout(cfg: ExperimentConfig, workflow: Any = None, *,
             stack.callback(functools.partial(pool.shutdown, wait=False, cancel_futures=True))
         controller = RolloutController(proxy, wf, http_client=http_client,
                                        episode_timeout_s=r.episode_timeout_s,
-                                       max_concurrent=r.max_concurrent_rollouts, pool=pool)
+                                       max_concurrent=r.max_concurrent_rollouts, pool=pool,
+                                       end_session=(engine.end_session
+                                                    if isinstance(engine, SessionAware) else None))
         yield RolloutStack(engine=engine, proxy=proxy, controller=controller,
-                           tokenizer=tokenizer, model_dir=str(model_dir))
+                           tokenizer=tokenizer, model_dir=str(model_dir), servers=servers)

@@ -7,24 +7,30 @@ A request may run as several *segments* (server calls). `pause()` aborts every
 request in flight on the servers; each keeps its partial tokens, waits for `resume()`,
 and is resubmitted to the same server with the tokens appended to the prompt and the
 remaining token budget, so the caller sees one uninterrupted result. A server that
-fails (connection error, 5xx) is retried the same way, on the same server once and
-then on others, at most `max_retries` times. Each token is tagged with the weight
-version that sampled it: the current version, or while paused the version that was
-live when the pause began.
+fails (connection error, 5xx, an abort because it is going down) is retried the same
+way, on the same server once and then on others (the session moves), at least
+`max_retries` times and for as long as `outage_timeout_s` after the first failure.
+Any other server-side abort raises `GenerationAborted`: partial output is never a
+finished completion. Each token is tagged with the weight version that sampled it: the
+current version, or while paused the version that was live when the pause began.
+
+Servers come and go under a supervisor (`fleet.py`): `server_down(url)` takes one out
+of routing and control calls; `server_up(url, current=...)` brings it back, routable
+once it holds the current weights (at once, or after the next weight update).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
 import aiohttp
 import msgspec
 
-from areal_lite.engine.base import EngineError, EngineUnavailable
-from areal_lite.engine.sglang import weights as weights
+from areal_lite.engine.base import EngineError, EngineUnavailable, GenerationAborted
+from areal_lite.engine.sglang.admin import SGLangAdmin
 from areal_lite.engine.sglang.control import SGLangControl
 from areal_lite.engine.sglang.routing import SessionRouter
 from areal_lite.engine.sglang.wire import (
@@ -40,6 +46,8 @@ from areal_lite.types import GenerateRequest, GenerateResult, TokenChunk
 
 __all__ = ["SGLangEngine"]
 
+_MAX_BACKOFF_S = 2.0  # retry delays double up to this
+
 
 class _Retryable(Exception):
     """A segment failed in a way another attempt may fix (connection error, 5xx)."""
@@ -49,7 +57,7 @@ class _Run:
     """Progress of one logical request across its segments."""
 
     __slots__ = ("req", "url", "generated", "failures", "failed_urls", "num_segments",
-                 "rid", "cached")
+                 "rid", "cached", "first_failure")
 
     def __init__(self, req: GenerateRequest, url: str) -> None:
         self.req = req
@@ -60,9 +68,10 @@ class _Run:
         self.num_segments = 0
         self.rid: str | None = None  # rid of the segment in flight
         self.cached: int | None = None  # cached_tokens of the first segment
+        self.first_failure: float | None = None  # loop time of the first failed attempt
 
 
-class SGLangEngine:
+class SGLangEngine(SGLangAdmin):
     """Engine over one or more SGLang servers (see module docstring for semantics)."""
 
     def __init__(
@@ -81,6 +90,7 @@ class SGLangEngine:
         control_timeout_s: float = 60.0,  # limit for pause/continue/info calls
         abort_timeout_s: float = 5.0,  # limit for the best-effort abort on cancel
         unhealthy_cooldown_s: float = 5.0,  # how long routing avoids a failed server
+        outage_timeout_s: float = 0.0,  # keep retrying every server call this long, seconds
     ) -> None:
         if not urls:
             raise ValueError("SGLangEngine needs at least one server url, got []")
@@ -92,6 +102,7 @@ class SGLangEngine:
                                               sock_connect=connect_timeout_s)
         self._request_timeout_s = request_timeout_s
         self._max_retries = max_retries
+        self._outage_timeout_s = outage_timeout_s
         self._retry_backoff_s = retry_backoff_s
         self._abort_timeout_s = abort_timeout_s
         self._tp_size = tp_size
@@ -99,10 +110,18 @@ class SGLangEngine:
         self.router = SessionRouter(self.urls, cooldown_s=unhealthy_cooldown_s)
         self.control = SGLangControl(self.urls, session=session, headers=self._headers,
                                      timeout_s=control_timeout_s,
-                                     connect_timeout_s=connect_timeout_s)
+                                     connect_timeout_s=connect_timeout_s,
+                                     outage_timeout_s=outage_timeout_s,
+                                     retry_backoff_s=retry_backoff_s)
         self.server_weight_versions: dict[str, str] = {}  # url -> last meta_info version
         self._stats = EngineStats(step_counts=False)  # from responses (engine/stats.py)
         self._version = initial_version
+        self.initial_version = initial_version  # what a freshly started server holds
+        self.weights_lock = asyncio.Lock()  # one weight change at a time (updates, catch-ups)
+        self.on_disk_weights: Any = None  # async (path, version) hook after a disk update
+        self._aborted: dict[str, str] = {}  # session_id -> why a request of it was aborted
+        self.num_aborted = 0  # requests failed by a server-side abort
+        self.num_resubmitted = 0  # segments sent again after a failure or transient abort
         self._paused_version = initial_version  # live version when the pause began
         self._paused = False
         self._pause_epoch = 0  # +1 per pause(); tells pause aborts from server aborts
@@ -211,75 +230,6 @@ class SGLangEngine:
             self._paused = False
             self._running.set()
 
-    # -- weights -------------------------------------------------------------------
-
-    async def update_weights(
-        self,
-        named_tensors: Mapping[str, object] | Iterable[tuple[str, object]],
-        version: int,
-        *,
-        flush_cache: bool | None = None,
-        load_format: str | None = None,
-    ) -> None:
-        """Colocated update by CUDA IPC handles (`/update_weights_from_tensor`)."""
-        await weights.update_weights_from_tensor(
-            self.control, named_tensors, version, tp_size=self._tp_size,
-            flush_cache=flush_cache, load_format=load_format)
-        self._version = version
-
-    async def update_weights_from_disk(
-        self, model_path: str, version: int, *, load_format: str | None = None
-    ) -> None:
-        """Load a checkpoint directory on every server (aborts requests in flight)."""
-        await weights.update_weights_from_disk(self.control, model_path, version,
-                                               load_format=load_format)
-        self._version = version
-
-    async def init_weights_update_group(
-        self, master_address: str, master_port: int, rank_offset: int, world_size: int,
-        group_name: str = "weight_update_group", backend: str = "nccl", *,
-        timeout_s: float = 600.0,
-    ) -> None:
-        """Servers join the trainer's process group (see sglang_weights for ranks)."""
-        await weights.init_weights_update_group(
-            self.control, master_address=master_address, master_port=master_port,
-            rank_offset=rank_offset, world_size=world_size, group_name=group_name,
-            backend=backend, tp_size=self._tp_size, timeout_s=timeout_s)
-
-    async def destroy_weights_update_group(self, group_name: str = "weight_update_group"
-                                           ) -> None:
-        await weights.destroy_weights_update_group(self.control, group_name)
-
-    async def update_weights_from_distributed(
-        self, names: Sequence[str], dtypes: Sequence[Any], shapes: Sequence[Sequence[int]],
-        version: int, group_name: str = "weight_update_group", *,
-        flush_cache: bool | None = None, load_format: str | None = None,
-        timeout_s: float = 600.0,
-    ) -> None:
-        """HTTP half of a broadcast update; the trainer broadcasts the tensors meanwhile."""
-        await weights.update_weights_from_distributed(
-            self.control, names, dtypes, shapes, version, group_name=group_name,
-            flush_cache=flush_cache, load_format=load_format, timeout_s=timeout_s)
-        self._version = version
-
-    async def release_memory_occupation(self, tags: list[str] | None = None) -> None:
-        await self.control.release_memory_occupation(tags)
-
-    async def resume_memory_occupation(self, tags: list[str] | None = None) -> None:
-        await self.control.resume_memory_occupation(tags)
-
-    async def flush_cache(self) -> None:
-        await self.control.flush_cache()
-
-    async def get_model_info(self, url: str | None = None) -> dict[str, Any]:
-        return await self.control.model_info(url)
-
-    async def get_server_info(self, url: str | None = None) -> dict[str, Any]:
-        return await self.control.server_info(url)
-
-    async def check_health(self) -> dict[str, bool]:
-        return await self.control.check_health()
-
     # -- one request, possibly several segments -------------------------------------
 
     async def _drive(self, run: _Run, *, stream: bool) -> AsyncIterator[TokenChunk]:
@@ -299,6 +249,8 @@ class SGLangEngine:
                 epoch = self._pause_epoch
                 last: Segment | None = None
                 try:
+                    if run.url in self.router.offline:  # down, or not on current weights
+                        raise _Retryable("server is down (its supervisor restarts it)")
                     async with aclosing(self._segment(run, stream)) as segments:
                         async for last in segments:
                             if last.finish_reason is None and last.output_ids:
@@ -308,10 +260,16 @@ class SGLangEngine:
                 except _Retryable as e:
                     await self._prepare_retry(run, e)
                     continue
-                if last.finish_reason == "abort" and (
-                        self._paused or self._pause_epoch != epoch):
-                    if last.output_ids:  # aborted by our pause: keep tokens, resubmit
+                if last.finish_reason == "abort":
+                    ours = self._paused or self._pause_epoch != epoch
+                    transient = ours or self._going_down(run.url, last.abort_message)
+                    if not transient:
+                        raise self._aborted_error(run, last.abort_message)
+                    if last.output_ids:  # keep the partial tokens, resubmit the rest
                         yield self._chunk(last, None)
+                    if not ours:
+                        await self._prepare_retry(
+                            run, _Retryable(f"aborted: {last.abort_message}"))
                     continue
                 yield self._chunk(last, last.finish_reason)
                 return
@@ -321,6 +279,18 @@ class SGLangEngine:
             raise
         finally:
             self.router.end(run.url)
+
+    def _going_down(self, url: str, message: str | None) -> bool:
+        """An abort because the server stops (resubmitting elsewhere fixes it)."""
+        return (url in self.router.offline or self._closed
+                or "shutting down" in (message or "").lower())
+
+    def _aborted_error(self, run: _Run, message: str | None) -> GenerationAborted:
+        self.num_aborted += 1
+        reason = f"{run.url} aborted request {run.req.rid}: {message or 'no reason given'}"
+        if run.req.session_id is not None:
+            self._aborted.setdefault(run.req.session_id, reason)
+        return GenerationAborted(reason + " (partial output discarded)")
 
     def _chunk(self, seg: Segment, finish_reason: str | None) -> TokenChunk:
         v = self._paused_version if self._paused else self._version
@@ -397,21 +367,33 @@ class SGLangEngine:
             self._stats.prefill_tokens += seg.prompt_tokens - seg.cached_tokens
 
     async def _prepare_retry(self, run: _Run, err: _Retryable) -> None:
-        """Record a failed attempt; pick the next server or give up."""
+        """Record a failed attempt; wait, pick the next server, or give up once both
+        `max_retries` and `outage_timeout_s` are spent."""
+        now = asyncio.get_running_loop().time()
+        if run.first_failure is None:
+            run.first_failure = now
         run.failures.append(f"{run.url}: {err}")
         run.failed_urls.add(run.url)
         self.router.report_failure(run.url)
-        if len(run.failures) > self._max_retries:
+        waited = now - run.first_failure
+        if len(run.failures) > self._max_retries and waited >= self._outage_timeout_s:
+            shown = run.failures[:3] + (["..."] if len(run.failures) > 4 else []) + (
+                run.failures[3:][-1:])
             raise EngineUnavailable(
-                f"request {run.req.rid} failed {len(run.failures)} times on SGLang "
-                f"servers {sorted(run.failed_urls)}: " + "; ".join(run.failures)
-                + " -- check that the servers are up")
-        if len(run.failures) > 1:  # first retry: same server; then others
-            url = self.router.fallback(run.req.session_id, run.failed_urls)
+                f"request {run.req.rid} failed {len(run.failures)} times in {waited:.1f}s on "
+                f"SGLang servers {sorted(run.failed_urls)} (rollout.sglang.max_retries = "
+                f"{self._max_retries}, outage_timeout_s = {self._outage_timeout_s}): "
+                + "; ".join(shown) + " -- check that the servers are up")
+        self.num_resubmitted += 1
+        await asyncio.sleep(min(self._retry_backoff_s * 2 ** (len(run.failures) - 1),
+                                _MAX_BACKOFF_S))
+        if len(run.failures) > 1 or run.url in self.router.offline:
+            url = self.router.fallback(run.req.session_id, run.failed_urls)  # moves it
+            if len(run.failed_urls) >= len(self.urls):
+                run.failed_urls.clear()  # every server failed once: any may be back
             self.router.end(run.url)
             self.router.begin(url)
             run.url = url
-        await asyncio.sleep(self._retry_backoff_s * 2 ** (len(run.failures) - 1))
 
     async def _abort_quietly(self, url: str, rid: str) -> None:
         """Best-effort POST /abort_request; the caller is already unwinding."""

@@ -1,7 +1,9 @@
 """engine/ SGLang control plane: pause, continue, abort, memory, cache, info, health.
 
 Everything except `/generate` goes through `SGLangControl`: one bounded-timeout JSON
-call to one server (`call`) or the same call to every server at once (`call_all`).
+call to one server (`call`) or the same call to every server at once (`call_all`),
+retried through an outage of up to `outage_timeout_s` (a server a supervisor took out
+of `urls` meanwhile is skipped: it catches up when it is back).
 Weight updates build on it in `sglang_weights.py`.
 """
 
@@ -17,9 +19,10 @@ import msgspec
 from areal_lite.engine.base import EngineError, EngineUnavailable
 from areal_lite.engine.sglang.wire import error_for_status
 
-__all__ = ["MEMORY_TAGS", "SGLangControl"]
+__all__ = ["MEMORY_TAGS", "SKIPPED", "SGLangControl"]
 
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")  # what release/resume can act on
+SKIPPED = object()  # call_retrying's reply for a server that went down meanwhile
 
 _decoder = msgspec.json.Decoder()
 
@@ -35,12 +38,25 @@ class SGLangControl:
         headers: dict[str, str],
         timeout_s: float = 60.0,  # default limit for one control call
         connect_timeout_s: float = 10.0,
+        outage_timeout_s: float = 0.0,  # how long call_all retries an unreachable server
+        retry_backoff_s: float = 0.05,  # first retry delay, doubled per retry (max 2 s)
     ) -> None:
-        self.urls = list(urls)
+        self.urls = list(urls)  # the servers call_all reaches (a supervisor drops dead ones)
         self._session = session
         self._headers = headers
         self._timeout_s = timeout_s
         self._connect_timeout_s = connect_timeout_s
+        self.outage_timeout_s = outage_timeout_s
+        self._retry_backoff_s = retry_backoff_s
+        self.num_retries = 0  # control calls repeated after an unreachable server
+
+    def only(self, url: str) -> SGLangControl:
+        """The same control plane restricted to one server."""
+        one = SGLangControl([url], session=self._session, headers=self._headers,
+                            timeout_s=self._timeout_s, connect_timeout_s=self._connect_timeout_s,
+                            outage_timeout_s=self.outage_timeout_s,
+                            retry_backoff_s=self._retry_backoff_s)
+        return one
 
     def timeout(self, total_s: float | None) -> aiohttp.ClientTimeout:
         return aiohttp.ClientTimeout(
@@ -82,24 +98,53 @@ class SGLangControl:
             raise _failure(status, raw, url, path)
         return _decode(raw)
 
-    async def call_all(
+    async def call_retrying(self, url: str, path: str, body: Any = None, *,
+                            method: str = "POST", timeout_s: float | None = None) -> Any:
+        """`call`, repeated with backoff while the server is unreachable, for up to
+        `outage_timeout_s`. Returns `SKIPPED` when the server left `urls` meanwhile (its
+        supervisor saw it exit; it is brought up to date when it comes back)."""
+        loop = asyncio.get_running_loop()
+        start, attempt = loop.time(), 0
+        while True:
+            try:
+                return await self.call(url, path, body, method=method, timeout_s=timeout_s)
+            except EngineUnavailable as e:
+                if url not in self.urls:
+                    return SKIPPED
+                waited = loop.time() - start
+                if waited >= self.outage_timeout_s:
+                    if self.outage_timeout_s:
+                        raise EngineUnavailable(
+                            f"{e} -- still unreachable after {waited:.0f}s "
+                            f"(rollout.sglang.outage_timeout_s = {self.outage_timeout_s})"
+                        ) from e
+                    raise
+            attempt += 1
+            self.num_retries += 1
+            await asyncio.sleep(min(self._retry_backoff_s * 2 ** (attempt - 1), 2.0))
+            if url not in self.urls:
+                return SKIPPED
+
+    async def call_each(
         self,
         path: str,
         body: Any | Callable[[int, str], Any] = None,
         *,
         method: str = "POST",
         timeout_s: float | None = None,
-    ) -> list[Any]:
-        """The same call on every server concurrently; replies in server order.
+    ) -> dict[str, Any]:
+        """The same call on every server in `urls` concurrently (each retried through an
+        outage, see `call_retrying`); url -> reply, without servers that went down.
 
         `body` may be a function (server index, url) -> body for per-server bodies.
         Every server is tried; if any fails, one EngineError names all failures
         (EngineUnavailable when every failure was an unreachable server).
         """
-        bodies = [body(i, u) if callable(body) else body for i, u in enumerate(self.urls)]
+        urls = list(self.urls)
+        bodies = [body(i, u) if callable(body) else body for i, u in enumerate(urls)]
         results = await asyncio.gather(
-            *(self.call(u, path, b, method=method, timeout_s=timeout_s)
-              for u, b in zip(self.urls, bodies)),
+            *(self.call_retrying(u, path, b, method=method, timeout_s=timeout_s)
+              for u, b in zip(urls, bodies)),
             return_exceptions=True,
         )
         for r in results:  # never swallow cancellation or interpreter exits
@@ -107,12 +152,18 @@ class SGLangControl:
                 raise r
         errors = [r for r in results if isinstance(r, Exception)]
         if errors:
-            msg = f"{path} failed on {len(errors)}/{len(self.urls)} servers: " + "; ".join(
+            msg = f"{path} failed on {len(errors)}/{len(urls)} servers: " + "; ".join(
                 str(e) for e in errors)
             if all(isinstance(e, EngineUnavailable) for e in errors):
                 raise EngineUnavailable(msg)
             raise EngineError(msg)
-        return results
+        return {u: r for u, r in zip(urls, results) if r is not SKIPPED}
+
+    async def call_all(self, path: str, body: Any | Callable[[int, str], Any] = None, *,
+                       method: str = "POST", timeout_s: float | None = None) -> list[Any]:
+        """`call_each`'s replies, in server order."""
+        replies = await self.call_each(path, body, method=method, timeout_s=timeout_s)
+        return list(replies.values())
 
     async def pause_generation(self, mode: str = "abort") -> None:
         await self.call_all("/pause_generation", {"mode": mode})

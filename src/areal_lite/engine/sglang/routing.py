@@ -4,7 +4,10 @@ Session-affine: every request of one episode (`session_id`) goes to the server t
 served the episode before, while that server is healthy, so its radix cache keeps the
 shared prefix. New sessions (and requests without one) go to the server with the fewest
 requests in flight, ties broken round robin. A server that failed is avoided for
-`cooldown_s` seconds unless every server is down.
+`cooldown_s` seconds unless every server is down; one marked offline (its supervisor
+saw it exit, or it is catching up on weights) gets no new request while another is up.
+A session moved off its server is counted (`num_affinity_misses`); the episode's end
+drops its binding (`forget`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ class SessionRouter:
         self.urls = list(urls)
         self.in_flight: dict[str, int] = dict.fromkeys(urls, 0)
         self._down_until: dict[str, float] = dict.fromkeys(urls, 0.0)
+        self.offline: set[str] = set()  # servers that must get no new request
+        self.num_affinity_misses = 0  # sessions moved off the server they were bound to
         self._sessions: OrderedDict[str, str] = OrderedDict()
         self._next = 0  # round-robin cursor for ties
         self._cooldown_s = cooldown_s
@@ -41,7 +46,10 @@ class SessionRouter:
         self._clock = clock
 
     def healthy(self, url: str) -> bool:
-        return self._down_until[url] <= self._clock()
+        return url not in self.offline and self._down_until[url] <= self._clock()
+
+    def set_offline(self, url: str, offline: bool) -> None:
+        (self.offline.add if offline else self.offline.discard)(url)
 
     def pick(self, session_id: str | None) -> str:
         """The server for a new request of `session_id` (binds new sessions)."""
@@ -56,22 +64,26 @@ class SessionRouter:
         return url
 
     def fallback(self, session_id: str | None, failed: Iterable[str]) -> str:
-        """Another server after `failed` ones did not answer (rebinds the session)."""
+        """Another server after `failed` ones did not answer (rebinds the session):
+        one up and not failed, else one up, else any."""
         failed = set(failed)
-        candidates = [u for u in self.urls if u not in failed] or self.urls
+        up = [u for u in self.urls if u not in self.offline]
+        candidates = [u for u in up if u not in failed] or up or self.urls
         url = self._least_loaded(candidates)
         if session_id is not None:
             self.bind(session_id, url)
         return url
 
     def bind(self, session_id: str, url: str) -> None:
+        if self._sessions.get(session_id, url) != url:
+            self.num_affinity_misses += 1
         self._sessions[session_id] = url
         self._sessions.move_to_end(session_id)
         if len(self._sessions) > self._max_sessions:
             self._sessions.popitem(last=False)
 
     def forget(self, session_id: str) -> None:
-        """Drop a finished episode's binding (optional; bindings are also LRU-capped)."""
+        """Drop a finished episode's binding (the LRU cap is only a backstop)."""
         self._sessions.pop(session_id, None)
 
     def session_url(self, session_id: str) -> str | None:
@@ -91,7 +103,8 @@ class SessionRouter:
         self.in_flight[url] -= 1
 
     def _least_loaded(self, candidates: list[str]) -> str:
-        up = {u for u in candidates if self.healthy(u)} or set(candidates)
+        up = ({u for u in candidates if self.healthy(u)}
+              or {u for u in candidates if u not in self.offline} or set(candidates))
         low = min(self.in_flight[u] for u in up)
         n = len(self.urls)
         for k in range(n):

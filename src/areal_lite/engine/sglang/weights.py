@@ -78,13 +78,13 @@ def _check(results: list[Any], path: str, urls: Sequence[str]) -> None:
 
 async def _update(control: SGLangControl, path: str, body: Any, timeout_s: float) -> None:
     try:
-        results = await control.call_all(path, body, timeout_s=timeout_s)
+        replies = await control.call_each(path, body, timeout_s=timeout_s)
     except EngineError as e:
         if path not in _LOADS:
             raise
         # add what to do to the per-server messages
         raise type(e)(f"{e} (the servers may hold mixed weights; retry the update)") from e
-    _check(results, path, control.urls)
+    _check(list(replies.values()), path, list(replies))
 
 
 async def _collective(control: SGLangControl, path: str, body: Any, timeout_s: float) -> None:
