@@ -160,6 +160,11 @@ class ProxyConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     reasoning_parser: Literal["none", "think"] = "none"  # "think": split <think>...</think>
     chat_template_kwargs: dict[str, Any] = {}  # extra variables for the chat template
     max_request_mb: PosFloat = 16.0  # largest accepted request body, MiB
+    max_message_chars: PosInt = 1 << 20  # longest text of one message, characters
+    max_prompt_chars: PosInt = 1 << 22  # longest rendered prompt of one request, characters
+    render_offload_chars: NonNegInt = 1 << 16  # requests with more text render off the loop
+    body_timeout_s: PosFloat = 30.0  # a request body must arrive within this, seconds
+    idle_timeout_s: PosFloat = 30.0  # a connection idle (or mid-headers) this long is closed
 
 
 class SamplingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -71,6 +71,7 @@ def _content_text(content: Any, where: str) -> str:
     texts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, Mapping) else None
+        kind = kind if isinstance(kind, str) else None  # a list here is malformed, not a crash
         if kind in _IMAGE_PARTS:
             raise ValueError(f"{where}.content[{j}]: image content is not supported "
                              "(this proxy serves text-only models)")
@@ -107,7 +108,7 @@ def _tool_call(call: Any, where: str) -> dict:
     return out
 
 
-def _normalize_message(msg: Any, i: int) -> dict:
+def _normalize_message(msg: Any, i: int, max_chars: int) -> dict:
     where = f"messages[{i}]"
     if not isinstance(msg, Mapping):
         raise ValueError(f"{where} must be an object with 'role' and 'content', "
@@ -119,6 +120,9 @@ def _normalize_message(msg: Any, i: int) -> dict:
         raise ValueError(f"{where}.role {msg['role']!r} is not supported; "
                          f"use one of {sorted(_ROLES)}")
     out: dict[str, Any] = {"role": role, "content": _content_text(msg.get("content"), where)}
+    if len(out["content"]) > max_chars:
+        raise ValueError(f"{where}.content has {len(out['content'])} characters; the limit is "
+                         f"{max_chars} (rollout.proxy.max_message_chars)")
     if role == "assistant":
         calls = msg.get("tool_calls")
         if calls:
@@ -135,16 +139,17 @@ def _normalize_message(msg: Any, i: int) -> dict:
     return out
 
 
-def normalize_messages(messages: Any) -> list[dict]:
+def normalize_messages(messages: Any, max_message_chars: int = 1 << 62) -> list[dict]:
     """OpenAI-shaped chat messages -> the plain dicts chat templates expect.
 
     Content parts are joined into one string ("\\n" between text parts), `developer`
     becomes `system`, None content becomes "", assistant tool-call arguments that are a
-    JSON object string become a dict. Raises ValueError naming the offending message.
+    JSON object string become a dict. Raises ValueError naming the offending message
+    (also when its text is longer than `max_message_chars`).
     """
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list of {role, content} objects")
-    return [_normalize_message(m, i) for i, m in enumerate(messages)]
+    return [_normalize_message(m, i, max_message_chars) for i, m in enumerate(messages)]
 
 
 # ----------------------------------------------------------------------------- renderer
@@ -154,14 +159,17 @@ class ChatRenderer:
 
     `chat_template_kwargs` are passed to the template on every render (e.g.
     `{"enable_thinking": False}`); `stop_token_ids` are stripped from the end of an
-    output like the tokenizer's eos token.
+    output like the tokenizer's eos token. A message longer than `max_message_chars`,
+    or a render longer than `max_prompt_chars`, is a ValueError before any tokenizing.
     """
 
     def __init__(self, tokenizer: ChatTokenizer, *,
                  chat_template_kwargs: dict | None = None,
-                 stop_token_ids: Iterable[int] = ()) -> None:
+                 stop_token_ids: Iterable[int] = (),
+                 max_message_chars: int = 1 << 20, max_prompt_chars: int = 1 << 22) -> None:
         self.tokenizer = tokenizer
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.max_message_chars, self.max_prompt_chars = max_message_chars, max_prompt_chars
         eos = getattr(tokenizer, "eos_token_id", None)
         self.stop_token_ids = frozenset(stop_token_ids) | ({eos} if eos is not None else set())
 
@@ -169,12 +177,14 @@ class ChatRenderer:
         """A renderer with `extra` template variables on top of this one's."""
         return ChatRenderer(self.tokenizer,
                             chat_template_kwargs={**self.chat_template_kwargs, **extra},
-                            stop_token_ids=self.stop_token_ids)
+                            stop_token_ids=self.stop_token_ids,
+                            max_message_chars=self.max_message_chars,
+                            max_prompt_chars=self.max_prompt_chars)
 
     def render_text(self, messages: list[dict], tools: list[dict] | None = None,
                     add_generation_prompt: bool = True) -> str:
         """The chat template's text for these messages (and tool schemas)."""
-        msgs = normalize_messages(messages)
+        msgs = normalize_messages(messages, self.max_message_chars)
         if tools is not None and (not isinstance(tools, list)
                                   or not all(isinstance(t, Mapping) for t in tools)):
             raise ValueError("tools must be a list of {\"type\": \"function\", "
@@ -185,7 +195,12 @@ class ChatRenderer:
                 add_generation_prompt=add_generation_prompt, **self.chat_template_kwargs)
         except jinja2.TemplateError as e:
             raise ValueError(f"the model's chat template rejected these messages: {e}") from e
+        except RecursionError:  # e.g. tool schemas nested hundreds of levels deep
+            raise ValueError("the request is nested too deeply to render") from None
         assert isinstance(text, str), f"apply_chat_template returned {type(text).__name__}"
+        if len(text) > self.max_prompt_chars:
+            raise ValueError(f"the rendered prompt has {len(text)} characters; the limit is "
+                             f"{self.max_prompt_chars} (rollout.proxy.max_prompt_chars)")
         return text
 
     def encode(self, text: str) -> list[int]:
@@ -221,6 +236,8 @@ class ChatRenderer:
         prompt+output tokens start `input_ids`; only the rest of the text is tokenized.
         """
         full = self.render_text(messages, tools)
+        if not full:
+            raise ValueError("the chat template rendered these messages as an empty prompt")
         parent = _longest_prefix(full, candidates)
         if parent is None:
             continued = any(m.get("role") == "assistant" for m in messages

@@ -107,7 +107,9 @@ async def open_rollout(cfg: ExperimentConfig, workflow: Any = None, *,
         tool_parser = r.proxy.tool_parser
         if tool_parser == "auto":
             tool_parser = detect_tool_parser(getattr(tokenizer, "chat_template", None))
-        renderer = ChatRenderer(tokenizer, chat_template_kwargs=r.proxy.chat_template_kwargs)
+        renderer = ChatRenderer(tokenizer, chat_template_kwargs=r.proxy.chat_template_kwargs,
+                                max_message_chars=r.proxy.max_message_chars,
+                                max_prompt_chars=r.proxy.max_prompt_chars)
         proxy = ProxyServer(
             engine=engine, renderer=renderer, exporter=make_exporter(cfg),
             host=r.proxy.host, port=r.proxy.port, model_name=r.proxy.model_name,
@@ -115,7 +117,9 @@ async def open_rollout(cfg: ExperimentConfig, workflow: Any = None, *,
             defaults=ChatDefaults(max_new_tokens=r.sampling.max_new_tokens,
                                   temperature=r.sampling.temperature, top_p=r.sampling.top_p,
                                   top_k=r.sampling.top_k),
-            max_request_mb=r.proxy.max_request_mb)
+            max_request_mb=r.proxy.max_request_mb, body_timeout_s=r.proxy.body_timeout_s,
+            idle_timeout_s=r.proxy.idle_timeout_s,
+            render_offload_chars=r.proxy.render_offload_chars)
         await stack.enter_async_context(proxy)
         http_client = await stack.enter_async_context(proxy.http_client(timeout=r.episode_timeout_s))
         pool = None
