@@ -261,3 +261,17 @@ async def test_stop_strings_are_cut_from_the_text(tiny_model_dir, tiny_tokenizer
     assert text == "alpha beta "
     (node,) = session.cache.nodes
     assert "STOP" in tiny_tokenizer.decode(node.output_ids)  # the sampled tokens are kept whole
+
+
+async def test_completion_records_the_token_limit_of_its_request(env):
+    """The overlong penalty measures against the limit each request had (the agent's
+    max_tokens), carried into the exported sample."""
+    from areal_lite.export import export_individual
+
+    session = env.stack.proxy.sessions.start()
+    client = env.client(session.key)
+    await client.chat.completions.create(model="default", messages=[{"role": "user", "content": "a"}],
+                                         max_tokens=3)
+    await client.chat.completions.create(model="default", messages=[{"role": "user", "content": "b"}])
+    limits = [s.max_new_tokens for s in export_individual(session.cache, gamma=1.0)]
+    assert limits == [3, env.stack.proxy.chat.defaults.max_new_tokens]

@@ -111,7 +111,7 @@ class ChatCompletions:
             results = await self._generate_n(session, req, prompt, rid)
         finally:
             session.num_inflight -= 1
-        self._record(session, prompt, rid, results)
+        self._record(session, req, prompt, rid, results)
         return results
 
     async def _prompt(self, session: Session, req: ChatRequest) -> Prompt:
@@ -160,7 +160,7 @@ class ChatCompletions:
             raise engine_api_error(eg.exceptions[0]) from None
         return [t.result() for t in tasks]
 
-    def _record(self, session: Session, prompt: Prompt, rid: str,
+    def _record(self, session: Session, req: ChatRequest, prompt: Prompt, rid: str,
                 results: list[GenerateResult]) -> None:
         if session.ended:  # the episode finished (or timed out) while we generated
             return
@@ -169,7 +169,7 @@ class ChatCompletions:
                 id=rid if len(results) == 1 else f"{rid}/{i}", response_id=rid,
                 parent_id=prompt.parent_id, prompt_ids=prompt.input_ids,
                 output_ids=res.output_ids, logprobs=res.logprobs, versions=res.versions,
-                finish_reason=res.finish_reason,
+                finish_reason=res.finish_reason, max_new_tokens=req.sampling.max_new_tokens,
                 text=prompt.text + self.renderer.decode(res.output_ids)))
 
     # --- non-streaming ---------------------------------------------------------------
@@ -244,7 +244,7 @@ class ChatCompletions:
                     n_done += 1
                     continue
                 yield i, item
-            self._record(session, prompt, rid, results)
+            self._record(session, req, prompt, rid, results)
         finally:
             session.num_inflight -= 1
             for t in tasks:
