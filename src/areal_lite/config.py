@@ -223,7 +223,7 @@ class RolloutConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_concurrent_rollouts: PosInt = 256  # episodes running at once
     max_head_offpolicyness: NonNegInt = 0  # staleness bound in weight versions; 0 = sync RL
     episode_timeout_s: PosFloat = 600.0  # wall time of one episode, seconds
-    max_episode_failures_frac: Fraction = 1.0  # failed episodes tolerated per batch (fraction)
+    max_episode_failures_frac: Fraction = 1.0  # failed episodes a batch may hold (fraction); over it: dropped
     agent: AgentConfig = msgspec.field(default_factory=AgentConfig)  # episodes -> samples
     proxy: ProxyConfig = msgspec.field(default_factory=ProxyConfig)  # the agents' HTTP API
     sampling: SamplingConfig = msgspec.field(default_factory=SamplingConfig)  # defaults

@@ -126,7 +126,8 @@ class Trainer:
                                  group_size=cfg.rollout.group_size,
                                  max_head_offpolicyness=cfg.rollout.max_head_offpolicyness,
                                  version=lambda: self.version,
-                                 consumed=self.step * cfg.rollout.batch_size)
+                                 consumed=self.step * cfg.rollout.batch_size,
+                                 max_failures_frac=cfg.rollout.max_episode_failures_frac)
         metrics = exits.enter_context(MetricsLogger(self.run_dir, cfg.metrics, start_step=self.step))
         self._engine_metrics(stack.engine)  # mark the start
         return _Run(stack=stack, learner=learner, model=model, prompts=prompts,
@@ -269,6 +270,7 @@ def _rollout_metrics(groups: list[GroupResult], controller: RolloutController,
     return {"rollout/episodes_failed": float(sum(ep.failed for ep in episodes)),
             "rollout/episodes_total_failed": float(controller.stats.num_failed),
             "rollout/groups_rejected": float(producer.num_rejected),
+            "rollout/batches_dropped": float(producer.num_batches_dropped),
             "rollout/completions_per_episode": _mean([ep.num_completions for ep in episodes]),
             "cache/prefix_breaks": float(controller.proxy.sessions.num_prefix_breaks)}
 
