@@ -25,6 +25,7 @@ from areal_lite.proxy.render import ChatRenderer
 from areal_lite.proxy.sessions import Session
 from areal_lite.rollout.agent import LegacyAgent, make_subproc_pool, resolve_workflow
 from areal_lite.rollout.controller import RolloutController
+from areal_lite.runtime import tune_gc
 from areal_lite.types import Sample
 
 
@@ -129,5 +130,6 @@ async def open_rollout(cfg: ExperimentConfig, workflow: Any = None, *,
         controller = RolloutController(proxy, wf, http_client=http_client,
                                        episode_timeout_s=r.episode_timeout_s,
                                        max_concurrent=r.max_concurrent_rollouts, pool=pool)
+        tune_gc()  # GC work per request stays flat (runtime.py)
         yield RolloutStack(engine=engine, proxy=proxy, controller=controller,
                            tokenizer=tokenizer, model_dir=str(model_dir))
