@@ -159,6 +159,7 @@ class ProxyConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tool_parser: ToolParser = "auto"  # tool-call syntax in model output; auto = from the model
     reasoning_parser: Literal["none", "think"] = "none"  # "think": split <think>...</think>
     chat_template_kwargs: dict[str, Any] = {}  # extra variables for the chat template
+    tool_fallback: Literal["hermes", "none"] = "hermes"  # template without tool markup: hermes = schemas in the system message, <tool_call> parsed; none = tools dropped
     max_request_mb: PosFloat = 16.0  # largest accepted request body, MiB
     max_message_chars: PosInt = 1 << 20  # longest text of one message, characters
     max_prompt_chars: PosInt = 1 << 22  # longest rendered prompt of one request, characters

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -50,6 +51,8 @@ from areal_lite.types import (
     TokenChunk,
 )
 
+log = logging.getLogger(__name__)
+
 
 class _Detokenizer:
     """Incremental decoding: emit only text that can no longer change."""
@@ -78,6 +81,7 @@ class ChatCompletions:
         self.engine, self.renderer, self.sessions = engine, renderer, sessions
         self.offload_chars = offload_chars  # requests with more text render off the loop
         self._render_pool = render_pool  # None: the loop's default executor
+        self._warned_fallback = False  # the tool fallback is announced once
         self.defaults, self.model_name, self.reasoning = defaults, model_name, reasoning
         self.tool_parser_name = tool_parser
         self.hidden_ids = renderer.stop_token_ids
@@ -116,6 +120,11 @@ class ChatCompletions:
 
     async def _prompt(self, session: Session, req: ChatRequest) -> Prompt:
         renderer = self.renderer
+        if req.tools and renderer.tool_fallback and not self._warned_fallback:
+            self._warned_fallback = True
+            log.warning("the model's chat template has no tool markup: tool schemas are put "
+                        "in the system message in the Hermes <tool_call> format and parsed "
+                        "back (rollout.proxy.tool_fallback = \"none\" drops them instead)")
         if req.template_kwargs:
             renderer = renderer.with_template_kwargs(req.template_kwargs)
         try:

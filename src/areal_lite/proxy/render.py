@@ -27,7 +27,8 @@ import msgspec
 
 from areal_lite.types import CompletionNode
 
-__all__ = ["ChatRenderer", "ChatTokenizer", "Prompt", "normalize_messages"]
+__all__ = ["ChatRenderer", "ChatTokenizer", "Prompt", "hermes_tool_fallback",
+           "normalize_messages"]
 
 # OpenAI roles -> the roles chat templates know.
 _ROLES = {"system": "system", "developer": "system", "user": "user",
@@ -152,6 +153,49 @@ def normalize_messages(messages: Any, max_message_chars: int = 1 << 62) -> list[
     return [_normalize_message(m, i, max_message_chars) for i, m in enumerate(messages)]
 
 
+# ----------------------------------------------------------------------------- tools
+
+_HERMES_SYSTEM = """# Tools
+
+You may call one or more functions to assist with the user query.
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>
+{tools}
+</tools>
+
+For each function call, return a json object with function name and arguments within \
+<tool_call></tool_call> XML tags:
+<tool_call>
+{{"name": <function-name>, "arguments": <args-json-object>}}
+</tool_call>"""
+
+
+def hermes_tool_fallback(messages: list[dict], tools: list[dict]) -> list[dict]:
+    """Normalized messages for a template without tool markup: the tool schemas go into
+    the system message in the Hermes format (the parser reads `<tool_call>` back),
+    assistant tool calls become `<tool_call>` text, tool results user turns wrapped in
+    `<tool_response>` (Qwen2.5's convention). Pure."""
+    schemas = "\n".join(json.dumps(t.get("function", t), ensure_ascii=False) for t in tools)
+    system = _HERMES_SYSTEM.format(tools=schemas)
+    out = [dict(m) for m in messages]
+    if out and out[0]["role"] == "system":
+        out[0]["content"] = f"{out[0]['content']}\n\n{system}" if out[0]["content"] else system
+    else:
+        out.insert(0, {"role": "system", "content": system})
+    for m in out:
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            calls = [json.dumps({"name": c["function"]["name"],
+                                 "arguments": c["function"]["arguments"]}, ensure_ascii=False)
+                     for c in m.pop("tool_calls")]
+            text = "\n".join(f"<tool_call>\n{c}\n</tool_call>" for c in calls)
+            m["content"] = f"{m['content']}\n{text}" if m["content"] else text
+        elif m["role"] == "tool":
+            m.pop("tool_call_id", None)
+            m.update(role="user", content=f"<tool_response>\n{m['content']}\n</tool_response>")
+    return out
+
+
 # ----------------------------------------------------------------------------- renderer
 
 class ChatRenderer:
@@ -161,12 +205,16 @@ class ChatRenderer:
     `{"enable_thinking": False}`); `stop_token_ids` are stripped from the end of an
     output like the tokenizer's eos token. A message longer than `max_message_chars`,
     or a render longer than `max_prompt_chars`, is a ValueError before any tokenizing.
+    `tool_fallback`: the template has no tool markup, so requests with tools are
+    rendered through `hermes_tool_fallback` (parse replies with the hermes parser).
     """
 
     def __init__(self, tokenizer: ChatTokenizer, *,
                  chat_template_kwargs: dict | None = None,
                  stop_token_ids: Iterable[int] = (),
-                 max_message_chars: int = 1 << 20, max_prompt_chars: int = 1 << 22) -> None:
+                 max_message_chars: int = 1 << 20, max_prompt_chars: int = 1 << 22,
+                 tool_fallback: bool = False) -> None:
+        self.tool_fallback = tool_fallback
         self.tokenizer = tokenizer
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.max_message_chars, self.max_prompt_chars = max_message_chars, max_prompt_chars
@@ -179,7 +227,8 @@ class ChatRenderer:
                             chat_template_kwargs={**self.chat_template_kwargs, **extra},
                             stop_token_ids=self.stop_token_ids,
                             max_message_chars=self.max_message_chars,
-                            max_prompt_chars=self.max_prompt_chars)
+                            max_prompt_chars=self.max_prompt_chars,
+                            tool_fallback=self.tool_fallback)
 
     def render_text(self, messages: list[dict], tools: list[dict] | None = None,
                     add_generation_prompt: bool = True) -> str:
@@ -189,6 +238,8 @@ class ChatRenderer:
                                   or not all(isinstance(t, Mapping) for t in tools)):
             raise ValueError("tools must be a list of {\"type\": \"function\", "
                              "\"function\": {...}} objects")
+        if tools and self.tool_fallback:
+            msgs, tools = hermes_tool_fallback(msgs, tools), None
         try:
             text = self.tokenizer.apply_chat_template(
                 msgs, tools=tools or None, tokenize=False,

@@ -20,7 +20,7 @@ from areal_lite.engine.base import Engine
 from areal_lite.export import export_episode
 from areal_lite.proxy.app import ProxyServer
 from areal_lite.proxy.chat import ChatDefaults
-from areal_lite.proxy.parsers import detect_tool_parser
+from areal_lite.proxy.parsers import detect_tool_parser, template_renders_tools
 from areal_lite.proxy.render import ChatRenderer
 from areal_lite.proxy.sessions import Session
 from areal_lite.rollout.agent import LegacyAgent, make_subproc_pool, resolve_workflow
@@ -106,11 +106,14 @@ async def open_rollout(cfg: ExperimentConfig, workflow: Any = None, *,
         if engine is None:
             engine = await _open_engine(cfg, str(model_dir), tokenizer, stack)
         tool_parser = r.proxy.tool_parser
+        template = getattr(tokenizer, "chat_template", None)
+        fallback = r.proxy.tool_fallback == "hermes" and not template_renders_tools(template)
         if tool_parser == "auto":
-            tool_parser = detect_tool_parser(getattr(tokenizer, "chat_template", None))
+            tool_parser = "hermes" if fallback else detect_tool_parser(template)
         renderer = ChatRenderer(tokenizer, chat_template_kwargs=r.proxy.chat_template_kwargs,
                                 max_message_chars=r.proxy.max_message_chars,
-                                max_prompt_chars=r.proxy.max_prompt_chars)
+                                max_prompt_chars=r.proxy.max_prompt_chars,
+                                tool_fallback=fallback)
         proxy = ProxyServer(
             engine=engine, renderer=renderer, exporter=make_exporter(cfg),
             host=r.proxy.host, port=r.proxy.port, model_name=r.proxy.model_name,
