@@ -15,6 +15,7 @@ import math
 import resource
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,5 +184,71 @@ def run_async(coro: Awaitable) -> object:
     return uvloop.run(coro)
 
 
+# --- raw HTTP agents in a child process (the proxy_tcp_raw variant) ------------------
+
+async def raw_agent(port: int, key: str, questions: list[str], num_calls: int, turns: int,
+                    max_tokens: int, latencies: list[float], errors: dict[str, int]) -> None:
+    """One keep-alive connection: `num_calls` chat calls, `turns`-turn conversations."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n")
+    messages: list[dict] = []
+    try:
+        for k in range(num_calls):
+            if k % turns == 0:
+                messages = [{"role": "user", "content": questions[k // turns % len(questions)]}]
+            body = json.dumps({"model": "default", "messages": messages,
+                               "max_tokens": max_tokens}).encode()
+            start = time.perf_counter()
+            writer.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            status_line = await reader.readline()
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.decode().partition(":")
+                if name.lower() == "content-length":
+                    length = int(value)
+            reply = await reader.readexactly(length)
+            if not status_line.startswith(b"HTTP/1.1 200"):
+                kind = status_line.decode().strip()
+                errors[kind] = errors.get(kind, 0) + 1
+                return
+            latencies.append(time.perf_counter() - start)
+            content = json.loads(reply)["choices"][0]["message"]["content"]
+            messages += [{"role": "assistant", "content": content},
+                         {"role": "user", "content": f"And then {k}?"}]
+    except (OSError, asyncio.IncompleteReadError, ValueError) as e:
+        errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
+    finally:
+        writer.close()
+
+
+async def raw_agents_main(spec: dict) -> dict:
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    cpu0, start = cpu_s(), time.perf_counter()
+    async with asyncio.TaskGroup() as tg:
+        for key in spec["keys"]:
+            tg.create_task(raw_agent(spec["port"], key, spec["questions"], spec["calls_each"],
+                                     spec["turns"], spec["max_tokens"], latencies, errors))
+    return {"latencies_s": latencies, "errors": errors, "seconds": time.perf_counter() - start,
+            "cpu_s": cpu_s() - cpu0}
+
+
+async def run_raw_agents(spec: dict) -> dict:
+    """Run `raw_agents_main(spec)` in a child process (`python bench_support.py
+    --raw-agents`, spec on stdin); returns its report."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(Path(__file__)), "--raw-agents", stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE)
+    out, _ = await proc.communicate(json.dumps(spec).encode())
+    if proc.returncode:
+        raise RuntimeError(f"raw agents child failed with exit code {proc.returncode}")
+    return json.loads(out)
+
+
 if __name__ == "__main__":
-    run_async(serve(json.loads(sys.argv[1])))
+    if sys.argv[1:] == ["--raw-agents"]:
+        raise_fd_limit()
+        print(json.dumps(run_async(raw_agents_main(json.loads(sys.stdin.read())))))
+    else:
+        run_async(serve(json.loads(sys.argv[1])))

@@ -17,6 +17,10 @@ the fake SGLang server with zero latency and a fixed short reply. For each concu
     proxy_tcp         the same over loopback TCP with one shared httpx2 client (what an
                       external agent pays)
     proxy_new_client  the same over TCP with a new SDK-default client per episode
+    proxy_tcp_raw     agents in a child process sending raw HTTP/1.1 over one keep-alive
+                      connection each (one session per connection, K-turn chats, no SDK
+                      in the measured process): `cpu_ms_per_call` is the proxy process's
+                      CPU alone, `agent_cpu_ms_per_call` the child's
 
 Proxy variants run whole episodes through `RolloutController.run_episode` (session
 start, reward, export, session end included). Both servers (fake SGLang and the canned
@@ -70,13 +74,14 @@ from bench_support import (
     reset_peak_rss,
     round3,
     run_async,
+    run_raw_agents,
     start_servers,
     to_ms,
 )
 from openai import AsyncOpenAI
 
 VARIANTS = ("sdk_ceiling", "sdk_ceiling_inproc", "floor", "proxy", "proxy_tcp",
-            "proxy_new_client")
+            "proxy_new_client", "proxy_tcp_raw")
 REPLY = "Sure, noted."  # the fake model's fixed reply (then eos)
 QUESTIONS = ["What is 2 + 3?", "Name a colour.", "Say hello to the team.",
              "Is 7 prime? Answer briefly."]
@@ -252,6 +257,8 @@ class Bench:
                                  max_concurrent=num_agents)
 
     async def run(self, variant: str, num_agents: int) -> dict:
+        if variant == "proxy_tcp_raw":
+            return await self._raw_row(num_agents)
         async with contextlib.AsyncExitStack() as es:
             rec = Recorder() if variant == "floor" else self.agent.rec
             episode = await self._episode_fn(variant, num_agents, es, rec)
@@ -265,6 +272,37 @@ class Bench:
         await self._quiesce()
         if profiler is not None:
             print_profile(profiler, variant, num_agents)
+        return row
+
+    async def _raw_row(self, num_agents: int) -> dict:
+        """proxy_tcp_raw: the agents run in a child process; this one is the proxy."""
+        sessions = self.stack.proxy.sessions
+        started = [sessions.start() for _ in range(num_agents)]
+        calls_each = self.plan.turns * self.plan.episodes_per_agent(num_agents)
+        reset_peak_rss()
+        srv0, cpu0 = await self.servers.cpu_s(), cpu_s()
+        report = await run_raw_agents({
+            "port": self.stack.proxy.port, "keys": [s.key for s in started],
+            "questions": QUESTIONS, "calls_each": calls_each, "turns": self.plan.turns,
+            "max_tokens": self.agent.max_tokens})
+        proxy_cpu, server_cpu = cpu_s() - cpu0, await self.servers.cpu_s() - srv0
+        for s in started:
+            sessions.end(s.id)
+        lat = sorted(report["latencies_s"])
+        num_errors = sum(report["errors"].values())
+        calls = len(lat) + num_errors
+        per_call = 1e3 / calls if calls else math.nan
+        row = {"variant": "proxy_tcp_raw", "agents": num_agents, "turns": self.plan.turns,
+               "calls": calls, "seconds": round(report["seconds"], 3),
+               "requests_per_s": round(len(lat) / report["seconds"], 1),
+               "latency_ms_p50": to_ms(percentile(lat, 0.5)),
+               "latency_ms_p99": to_ms(percentile(lat, 0.99)),
+               "cpu_ms_per_call": round3(proxy_cpu * per_call),
+               "agent_cpu_ms_per_call": round3(report["cpu_s"] * per_call),
+               "server_cpu_ms_per_call": round3(server_cpu * per_call),
+               "peak_rss_mb": round(peak_rss_mb(), 1), "errors": num_errors, "capped": False}
+        if report["errors"]:
+            row["error_kinds"] = report["errors"]
         return row
 
     async def _quiesce(self, timeout_s: float = 60.0) -> None:

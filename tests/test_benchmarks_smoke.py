@@ -19,7 +19,7 @@ def test_rollout_overhead_quick_run():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
     variants = {"sdk_ceiling", "sdk_ceiling_inproc", "floor", "proxy", "proxy_tcp",
-                "proxy_new_client"}
+                "proxy_new_client", "proxy_tcp_raw"}
     assert {(r["variant"], r["agents"]) for r in rows} == {
         (v, n) for v in variants for n in (1, 4)}
     for row in rows:

@@ -160,11 +160,11 @@ def test_progress_line_shows_missing_keys_as_dash_and_eta() -> None:
     logger.progress(4, 10, {})  # eval accuracy keeps its last known value
     logger.close()
     lines = stream.getvalue().split("\n")
-    assert lines[0] == "step 2/10 | reward 0.5 | eval acc - | tok/s - | stale - | elapsed 0:20 | ETA 1:20"
+    assert lines[0] == "step 2/10 | reward 0.5 | last eval acc - | tok/s - | stale - | elapsed 0:20 | ETA 1:20"
     assert lines[1] == (
-        "step 3/10 | reward 0.625 | eval acc 0.75 | tok/s 1234 | stale 0.8 | elapsed 0:30 | ETA 1:10"
+        "step 3/10 | reward 0.625 | last eval acc 0.75 | tok/s 1234 | stale 0.8 | elapsed 0:30 | ETA 1:10"
     )
-    assert lines[2].startswith("step 4/10 | reward 0.625 | eval acc 0.75 |") and lines[2].endswith("ETA 1:00")
+    assert lines[2].startswith("step 4/10 | reward 0.625 | last eval acc 0.75 |") and lines[2].endswith("ETA 1:00")
     assert lines[3:] == [""]
 
 
@@ -191,7 +191,7 @@ def test_progress_disabled_writes_nothing() -> None:
 
 def test_format_progress_handles_non_finite_values() -> None:
     line = format_progress(1, 5, {"reward/mean": float("nan"), "rollout/staleness": 2.0}, 5.0, None)
-    assert line == "step 1/5 | reward - | eval acc - | tok/s - | stale 2 | elapsed 0:05 | ETA -"
+    assert line == "step 1/5 | reward - | last eval acc - | tok/s - | stale 2 | elapsed 0:05 | ETA -"
 
 
 # ---------------------------------------------------------------- plots

@@ -159,7 +159,13 @@ class ProxyConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tool_parser: ToolParser = "auto"  # tool-call syntax in model output; auto = from the model
     reasoning_parser: Literal["none", "think"] = "none"  # "think": split <think>...</think>
     chat_template_kwargs: dict[str, Any] = {}  # extra variables for the chat template
+    tool_fallback: Literal["hermes", "none"] = "hermes"  # template without tool markup: hermes = schemas in the system message, <tool_call> parsed; none = tools dropped
     max_request_mb: PosFloat = 16.0  # largest accepted request body, MiB
+    max_message_chars: PosInt = 1 << 20  # longest text of one message, characters
+    max_prompt_chars: PosInt = 1 << 22  # longest rendered prompt of one request, characters
+    render_offload_chars: NonNegInt = 1 << 16  # requests with more text render off the loop
+    body_timeout_s: PosFloat = 30.0  # a request body must arrive within this, seconds
+    idle_timeout_s: PosFloat = 30.0  # a connection idle (or mid-headers) this long is closed
 
 
 class SamplingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -234,7 +240,7 @@ class RolloutConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_concurrent_rollouts: PosInt = 256  # episodes running at once
     max_head_offpolicyness: NonNegInt = 0  # staleness bound in weight versions; 0 = sync RL
     episode_timeout_s: PosFloat = 600.0  # wall time of one episode, seconds
-    max_episode_failures_frac: Fraction = 1.0  # failed episodes tolerated per batch (fraction)
+    max_episode_failures_frac: Fraction = 1.0  # failed episodes a batch may hold (fraction); over it: dropped
     agent: AgentConfig = msgspec.field(default_factory=AgentConfig)  # episodes -> samples
     proxy: ProxyConfig = msgspec.field(default_factory=ProxyConfig)  # the agents' HTTP API
     sampling: SamplingConfig = msgspec.field(default_factory=SamplingConfig)  # defaults

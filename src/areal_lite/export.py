@@ -40,6 +40,7 @@ def _individual_sample(
         raw_reward=raw_reward,
         episode_id=episode_id,
         completion_ids=[node.id],
+        max_new_tokens=node.max_new_tokens,
     )
 
 
@@ -90,6 +91,7 @@ def _concat_sample(
         raw_reward=raw_reward,
         episode_id=episode_id,
         completion_ids=[n.id for n in path],
+        max_new_tokens=leaf.max_new_tokens,
     )
 
 

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 # (metric key, label) shown on the progress line, in order; missing values show "-".
 PROGRESS_KEYS: tuple[tuple[str, str], ...] = (
     ("reward/mean", "reward"),
-    ("eval/accuracy", "eval acc"),
+    ("eval/accuracy", "last eval acc"),  # kept between evals: label says so
     ("perf/tokens_per_s", "tok/s"),
     ("rollout/staleness", "stale"),
 )

@@ -157,7 +157,8 @@ class Trainer:
                                  group_size=cfg.rollout.group_size,
                                  max_head_offpolicyness=cfg.rollout.max_head_offpolicyness,
                                  version=lambda: self.version,
-                                 consumed=self.step * cfg.rollout.batch_size)
+                                 consumed=self.step * cfg.rollout.batch_size,
+                                 max_failures_frac=cfg.rollout.max_episode_failures_frac)
         metrics = exits.enter_context(MetricsLogger(self.run_dir, cfg.metrics, start_step=self.step))
         self._engine_metrics(stack.engine)  # mark the start
         return _Run(stack=stack, learner=learner, model=model, prompts=prompts,
@@ -225,16 +226,18 @@ class Trainer:
         algo, max_new = self.cfg.algorithm, self.cfg.rollout.sampling.max_new_tokens
         if not algo.overlong_buffer_len:
             return samples
-        for s in samples:
-            s.reward += overlong_penalty(_last_span(s.loss_mask), max_new,
+        for s in samples:  # the limit the request had (an agent's max_tokens), if known
+            s.reward += overlong_penalty(_last_span(s.loss_mask), s.max_new_tokens or max_new,
                                          algo.overlong_buffer_len, algo.overlong_penalty_factor)
         return samples
 
     async def _evaluate(self, controller: RolloutController, rows: list[dict]) -> dict[str, float]:
-        """Greedy pass over the eval rows through the same workflow; reward mean = accuracy."""
+        """Greedy pass over the eval rows through the same workflow. Accuracy is per
+        episode: the mean of each episode's score (its reward; with dict rewards the best
+        completion's, so a problem solved on the third try counts 1); failed ones 0."""
         start = time.perf_counter()
         episodes = await asyncio.gather(*(controller.run_episode(r, greedy=True) for r in rows))
-        rewards = [ep.reward if ep.reward is not None else 0.0 for ep in episodes]
+        rewards = [ep.score if ep.score is not None else 0.0 for ep in episodes]
         return {"eval/accuracy": _mean(rewards), "eval/num_failed": float(sum(e.failed for e in episodes)),
                 "eval/time_s": time.perf_counter() - start}
 
@@ -283,6 +286,7 @@ def _rollout_metrics(groups: list[GroupResult], controller: RolloutController,
     return {"rollout/episodes_failed": float(sum(ep.failed for ep in episodes)),
             "rollout/episodes_total_failed": float(controller.stats.num_failed),
             "rollout/groups_rejected": float(producer.num_rejected),
+            "rollout/batches_dropped": float(producer.num_batches_dropped),
             "rollout/completions_per_episode": _mean([ep.num_completions for ep in episodes]),
             "cache/prefix_breaks": float(controller.proxy.sessions.num_prefix_breaks)}
 

@@ -86,6 +86,7 @@ class Sample(msgspec.Struct, kw_only=True):
     raw_reward: float  # reward as assigned, before discount (0.0 when none was given)
     episode_id: str = ""  # the session that produced it
     completion_ids: list[str] = []  # completions this sample covers (concat: root..leaf)
+    max_new_tokens: int = 0  # sampling limit of its last completion's request; 0 = unknown
 
 
 class CompletionNode(msgspec.Struct, kw_only=True):
@@ -104,3 +105,4 @@ class CompletionNode(msgspec.Struct, kw_only=True):
     versions: list[int]  # weight version per output token
     finish_reason: str  # "stop" | "length" | "abort"
     text: str = ""  # decoded prompt + output, used by the proxy for prefix matching
+    max_new_tokens: int = 0  # output tokens the request allowed (its max_tokens, fit); 0 = unknown

@@ -107,6 +107,14 @@ async def test_hung_verifier_times_out_and_pool_recovers():
         assert await pool.score(fx.add, 2, 3) == 5
 
 
+async def test_timed_out_call_returns_at_its_timeout_while_the_pool_restarts():
+    async with _pool(max_workers=1, timeout_s=1.0) as pool:
+        assert await pool.score(fx.hang_forever) == 0.0
+        assert pool.num_timeouts == 1 and pool.num_restarts == 0  # not waited for
+        assert await pool.score(fx.add, 2, 3) == 5  # the next call gets the fresh pool
+        assert pool.num_restarts == 1
+
+
 async def test_raising_verifier_scores_zero_and_counts_a_failure(caplog):
     async with _pool() as pool:
         assert await pool.score(fx.raise_error) == 0.0

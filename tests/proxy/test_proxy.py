@@ -183,7 +183,10 @@ async def test_admin_routes_need_the_admin_key(env):
     base = env.stack.proxy.base_url.removesuffix("/v1")
     async with httpx2.AsyncClient(base_url=base) as http:
         r = await http.post("/admin/sessions", headers={"Authorization": f"Bearer {session.key}"})
-        assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+        as_session = r.status_code, r.json()
+        r = await http.post("/admin/sessions", headers={"Authorization": "Bearer sk-sess-guess"})
+        assert (r.status_code, r.json()) == as_session  # a live key looks like any wrong key
+        assert as_session[0] == 401
         r = await http.post("/admin/sessions")
         assert r.status_code == 401
         admin = {"Authorization": f"Bearer {env.stack.proxy.sessions.admin_key}"}
@@ -258,3 +261,17 @@ async def test_stop_strings_are_cut_from_the_text(tiny_model_dir, tiny_tokenizer
     assert text == "alpha beta "
     (node,) = session.cache.nodes
     assert "STOP" in tiny_tokenizer.decode(node.output_ids)  # the sampled tokens are kept whole
+
+
+async def test_completion_records_the_token_limit_of_its_request(env):
+    """The overlong penalty measures against the limit each request had (the agent's
+    max_tokens), carried into the exported sample."""
+    from areal_lite.export import export_individual
+
+    session = env.stack.proxy.sessions.start()
+    client = env.client(session.key)
+    await client.chat.completions.create(model="default", messages=[{"role": "user", "content": "a"}],
+                                         max_tokens=3)
+    await client.chat.completions.create(model="default", messages=[{"role": "user", "content": "b"}])
+    limits = [s.max_new_tokens for s in export_individual(session.cache, gamma=1.0)]
+    assert limits == [3, env.stack.proxy.chat.defaults.max_new_tokens]

@@ -138,3 +138,33 @@ async def test_timeout_during_a_proxy_call_aborts_the_request(tiny_model_dir, ti
             assert ep.error == "timeout" and len(stack.proxy.sessions) == 0
             await slow.state.wait_until(lambda: not slow.state.in_flight, 5.0)
         assert slow.state.aborted_rids  # the engine request was aborted, not left running
+
+
+async def test_inline_env_var_agent_is_told_to_use_subproc(fake, tiny_model_dir, caplog,
+                                                           monkeypatch):
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    async with open_rollout(make_cfg(tiny_model_dir, fake.url), sample_agents.SyncEnvAgent) as stack:
+        with caplog.at_level(logging.WARNING):
+            ep = await stack.controller.run_episode({"question": "hi"})
+    assert ep.error == "exception:RuntimeError"
+    assert any('rollout.agent.mode = "subproc"' in r.getMessage() for r in caplog.records)
+
+
+async def test_dict_reward_episode_scores_its_best_completion(fake, tiny_model_dir):
+    async with open_rollout(make_cfg(tiny_model_dir, fake.url), "sample_agents.DictRewardAgent") as stack:
+        ep = await stack.controller.run_episode({})
+    assert ep.reward == pytest.approx(0.625) and ep.score == 1.0  # solved on the 2nd try
+
+
+async def test_failures_differing_only_in_ids_are_logged_once(fake, tiny_model_dir, caplog):
+    class IdFailure:
+        async def run(self, data, **kwargs):
+            import secrets
+            raise RuntimeError(f"request rid-{secrets.token_hex(12)} failed after {data['n']} s")
+
+    async with open_rollout(make_cfg(tiny_model_dir, fake.url), IdFailure()) as stack:
+        with caplog.at_level(logging.WARNING):
+            for n in range(4):
+                await stack.controller.run_episode({"n": n})
+    assert stack.controller.stats.failures == {"exception:RuntimeError": 4}
+    assert len([r for r in caplog.records if "failed after" in r.getMessage()]) == 1

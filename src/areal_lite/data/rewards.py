@@ -133,9 +133,10 @@ class RewardPool:
     Use as `async with RewardPool(max_workers=2, timeout_s=10) as pool: r = await
     pool.score(math_reward, text, ref)`. At most `max_workers` calls are submitted at a
     time, so a submitted call starts at once on a warm worker and `timeout_s` measures
-    its run time, not queueing. A timed-out call's worker cannot be interrupted, so the
-    whole pool is recycled (workers killed, fresh pool started); calls that were running
-    on it are retried. `close()` kills the workers.
+    its run time, not queueing. A timed-out call scores 0.0 at its timeout; its worker
+    cannot be interrupted, so the whole pool is recycled in the background (workers
+    killed, fresh pool started; later calls wait for it); calls that were running on it
+    are retried. `close()` kills the workers.
     """
 
     def __init__(
@@ -164,6 +165,7 @@ class RewardPool:
         self._lifecycle = asyncio.Lock()
         self._isolation = asyncio.Lock()  # held while a suspect call runs alone
         self._closed = False
+        self._recycling: asyncio.Task | None = None  # a recycle after a timeout, if running
         self.num_calls = 0
         self.num_timeouts = 0
         self.num_failures = 0
@@ -198,6 +200,8 @@ class RewardPool:
             executor, self._executor = self._executor, None
             if executor is not None:
                 await asyncio.to_thread(_kill_pool, executor)
+        if self._recycling is not None:  # finished (it held the lock): collect its outcome
+            await asyncio.gather(self._recycling, return_exceptions=True)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -276,6 +280,8 @@ class RewardPool:
                     self._slots.release()
 
     async def _score_once(self, fn: Callable[..., Any], args: tuple) -> float | _Retry:
+        if self._recycling is not None and not self._recycling.done():
+            await asyncio.shield(self._recycling)  # a fresh pool, not the one being killed
         if self._executor is None:
             await self.start()
         executor, generation = self._executor, self._generation
@@ -296,7 +302,8 @@ class RewardPool:
             logger.warning(
                 "reward %s timed out after %s s; scoring 0.0, recycling the pool", _name(fn), self.timeout_s
             )
-            await self._recycle(generation)
+            if self._recycling is None or self._recycling.done():  # owned: close() collects it
+                self._recycling = asyncio.create_task(self._recycle(generation))
             return 0.0
         if future.cancelled() or isinstance(future.exception(), BrokenProcessPool):
             await self._recycle(generation)

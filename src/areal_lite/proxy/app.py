@@ -11,17 +11,22 @@ Routes (same handlers over TCP and in process):
     POST /admin/sessions/{id}/end          admin key: end it, export -> {"samples": [...]}
     GET  /admin/stats                      admin key: counters
 
-Errors are OpenAI-shaped JSON (Anthropic-shaped on /v1/messages): 400 malformed body,
-401 unknown key, 403 a session key on an admin route, 404 unknown route or session,
-503 no engine reachable. Session keys arrive as `Authorization: Bearer` or `x-api-key`.
+Errors are OpenAI-shaped JSON (Anthropic-shaped on /v1/messages): 400 malformed body
+(naming the field), 401 any key that is not valid for the route (the same reply whatever
+the key is), 404 unknown route or session, 413 body too large, 408 body too slow, 502/503
+the engine failed (no internal detail in the reply). The key is checked from the headers
+before the body is read (`authorize`). Session keys arrive as `Authorization: Bearer` or
+`x-api-key`. Engine failures are logged once per kind with a traceback, then counted.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx2
 import msgspec
@@ -59,8 +64,14 @@ class ProxyServer:
     def __init__(self, *, engine: Engine, renderer: ChatRenderer, exporter: Exporter,
                  host: str = "127.0.0.1", port: int = 0, model_name: str = "default",
                  tool_parser: str = "none", reasoning: bool = False,
-                 defaults: ChatDefaults = ChatDefaults(), max_request_mb: float = 16) -> None:
+                 defaults: ChatDefaults = ChatDefaults(), max_request_mb: float = 16,
+                 body_timeout_s: float = 30.0, idle_timeout_s: float = 30.0,
+                 render_offload_chars: int = 1 << 16) -> None:
         self.sessions = SessionTable()
+        self.body_timeout_s = body_timeout_s  # a request body must arrive within this
+        self.idle_timeout_s = idle_timeout_s  # a connection without a request is closed
+        # big renders run here, one at a time, so they never stall the loop
+        self._render_pool = ThreadPoolExecutor(1, thread_name_prefix="proxy-render")
         self.engine = engine
         self.exporter = exporter
         self.model_name = model_name
@@ -68,17 +79,28 @@ class ProxyServer:
         self.max_request_bytes = int(max_request_mb * (1 << 20))
         self.chat = ChatCompletions(engine=engine, renderer=renderer, sessions=self.sessions,
                                     defaults=defaults, model_name=model_name,
-                                    tool_parser=tool_parser, reasoning=reasoning)
+                                    tool_parser=tool_parser, reasoning=reasoning,
+                                    offload_chars=render_offload_chars,
+                                    render_pool=self._render_pool)
         self.messages = Messages(self.chat)
         self.responses = Responses(self.chat)
         self.num_errors: dict[int, int] = {}  # HTTP status -> count of error replies
+        self.num_failures: dict[str, int] = {}  # 5xx kind (route, message, type) -> count
+        self._admin_key = self.sessions.admin_key.encode()
         self._runner: web.AppRunner | None = None
 
     # --- lifecycle -------------------------------------------------------------------
 
     async def __aenter__(self) -> ProxyServer:
-        app = make_aiohttp_app(self.dispatch, max_request_bytes=self.max_request_bytes)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        app = make_aiohttp_app(self.dispatch, refuse=self.refuse, reject=self.reject,
+                               max_request_bytes=self.max_request_bytes,
+                               body_timeout_s=self.body_timeout_s)
+        # keepalive_timeout also bounds a connection that never completes its headers;
+        # a refused request's unread body is drained (never stored) for at most
+        # `lingering_time`, so its client reads the reply instead of a reset
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                     keepalive_timeout=self.idle_timeout_s,
+                                     lingering_time=min(2.0, self.body_timeout_s))
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, backlog=4096)
         await site.start()
@@ -89,6 +111,7 @@ class ProxyServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        self._render_pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def base_url(self) -> str:
@@ -96,7 +119,8 @@ class ProxyServer:
 
     def http_client(self, **kwargs) -> httpx2.AsyncClient:
         """An httpx2 client whose requests are served in process (no socket)."""
-        transport = InProcessTransport(self.dispatch, max_request_bytes=self.max_request_bytes)
+        transport = InProcessTransport(self.dispatch, refuse=self.refuse, reject=self.reject,
+                                       max_request_bytes=self.max_request_bytes)
         return httpx2.AsyncClient(transport=transport, **kwargs)
 
     # --- dispatch --------------------------------------------------------------------
@@ -105,15 +129,55 @@ class ProxyServer:
         try:
             resp = await self._route(req)
         except ApiError as e:
-            resp = _error_response(req, e)
-        except Exception:  # a bug in a handler must not kill the server; report 500
-            log.exception("proxy handler failed on %s %s", req.method, req.path)
-            resp = _error_response(req, ApiError(500, "internal proxy error", type="server_error"))
+            if e.engine_error is not None:
+                self._log_failure(f"{req.path}: {e.message}", e.engine_error)
+            resp = error_response(req.path, e)
+        except Exception as e:  # a bug in a handler must not kill the server; report 500
+            self._log_failure(f"handler failed on {req.method} {req.path}", e)
+            resp = error_response(req.path, ApiError(500, "internal proxy error",
+                                                     type="server_error"))
+        return self.count(resp)
+
+    def refuse(self, req: ProxyRequest) -> ProxyResponse | None:
+        """The reply to a request its headers already disqualify, or None."""
+        err = self.authorize(req)
+        return None if err is None else self.reject(req.path, err)
+
+    def reject(self, path: str, err: ApiError) -> ProxyResponse:
+        return self.count(error_response(path, err))
+
+    def count(self, resp: ProxyResponse) -> ProxyResponse:
         if resp.status >= 400:
             self.num_errors[resp.status] = self.num_errors.get(resp.status, 0) + 1
         return resp
 
+    def _log_failure(self, what: str, exc: BaseException) -> None:
+        """The first failure of each kind with its traceback; the rest are counted
+        (`stats()["failures"]`), so a failing engine does not flood the log."""
+        kind = f"{what} ({type(exc).__name__})"
+        n = self.num_failures[kind] = self.num_failures.get(kind, 0) + 1
+        if n == 1:
+            log.error("proxy: %s; further failures of this kind are only counted "
+                      "(/admin/stats)", kind, exc_info=exc)
+
+    def authorize(self, req: ProxyRequest) -> ApiError | None:
+        """Refuse a request from its headers alone (before its body is read): None when
+        its key may use its route."""
+        path = req.path.rstrip("/")
+        key = req.bearer()
+        if path.startswith("/admin/") or (path == "/v1/models" and self._is_admin(key)):
+            return None if self._is_admin(key) else _bad_key()
+        if path.startswith("/v1/") and (not key or self.sessions.by_key(key) is None):
+            return _bad_key()
+        return None
+
+    def _is_admin(self, key: str | None) -> bool:
+        return key is not None and hmac.compare_digest(key.encode(), self._admin_key)
+
     async def _route(self, req: ProxyRequest) -> ProxyResponse:
+        err = self.authorize(req)
+        if err is not None:
+            raise err
         path = req.path.rstrip("/")
         if path == "/v1/chat/completions" and req.method == "POST":
             session = self._session_for(req)
@@ -125,30 +189,19 @@ class ProxyServer:
             session = self._session_for(req)
             return await self.responses.handle(session, _json_body(req))
         if path == "/v1/models" and req.method == "GET":
-            if req.bearer() != self.sessions.admin_key:
-                self._session_for(req)
             return json_response({"object": "list", "data": [{
                 "id": self.model_name, "object": "model", "created": int(time.time()),
                 "owned_by": "areal-lite", "max_model_len": self.engine.max_context_len}]})
         if path.startswith("/admin/"):
-            self._require_admin(req)
             return await self._admin(req, path)
         raise ApiError(404, f"unknown route {req.method} {req.path}", code="not_found")
 
     def _session_for(self, req: ProxyRequest) -> Session:
         key = req.bearer()
         session = self.sessions.by_key(key) if key else None
-        if session is None:
-            raise ApiError(401, "invalid or expired session API key", code="invalid_api_key")
+        if session is None:  # ended while its body was read
+            raise _bad_key()
         return session
-
-    def _require_admin(self, req: ProxyRequest) -> None:
-        key = req.bearer()
-        if key != self.sessions.admin_key:
-            if key and self.sessions.by_key(key) is not None:
-                raise ApiError(403, "session keys cannot use admin routes",
-                               type="permission_error", code="forbidden")
-            raise ApiError(401, "invalid admin API key", code="invalid_api_key")
 
     # --- admin -----------------------------------------------------------------------
 
@@ -174,15 +227,19 @@ class ProxyServer:
     def stats(self) -> dict:
         return {"sessions_live": len(self.sessions), "sessions_started": self.sessions.num_started,
                 "prefix_breaks": self.sessions.num_prefix_breaks,
-                "errors": {str(k): v for k, v in self.num_errors.items()}}
+                "errors": {str(k): v for k, v in self.num_errors.items()},
+                "failures": dict(self.num_failures)}
 
 
 def set_reward_from_body(session: Session, body: object) -> None:
     if not isinstance(body, dict):
         raise ApiError(400, "body must be a JSON object")
     reward = body.get("reward")
-    if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
-        raise ApiError(400, f"'reward' must be a finite number, got {reward!r}", param="reward")
+    if isinstance(reward, int) and not isinstance(reward, bool) and abs(reward) < 1 << 1000:
+        reward = float(reward)  # ints past float range (309+ digits) are not finite numbers
+    if not isinstance(reward, float) or not math.isfinite(reward):
+        raise ApiError(400, f"'reward' must be a finite number, got {reward!r:.50}",
+                       param="reward")
     key = body.get("completion_id")
     try:
         if key is None:
@@ -193,9 +250,13 @@ def set_reward_from_body(session: Session, body: object) -> None:
         raise ApiError(400, str(e).strip("'\""), param="completion_id") from None
 
 
-def _error_response(req: ProxyRequest, e: ApiError) -> ProxyResponse:
+def _bad_key() -> ApiError:
+    return ApiError(401, "invalid API key for this route", code="invalid_api_key")
+
+
+def error_response(path: str, e: ApiError) -> ProxyResponse:
     """The error in the shape the caller's SDK parses: Anthropic's on /v1/messages."""
-    if req.path.rstrip("/").startswith("/v1/messages"):
+    if path.rstrip("/").startswith("/v1/messages"):
         return anthropic_error_response(e)
     return e.response()
 
@@ -207,3 +268,5 @@ def _json_body(req: ProxyRequest) -> object:
         return msgspec.json.decode(req.body)
     except msgspec.DecodeError as e:
         raise ApiError(400, f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ApiError(400, "request body is JSON nested too deeply") from None

@@ -10,12 +10,12 @@ chunks while tokens arrive. The core (`prepare`, `generate`, `stream_chunks`,
 from __future__ import annotations
 
 import asyncio
-import math
+import concurrent.futures
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
 
 from msgspec.structs import replace
 
@@ -25,6 +25,7 @@ from areal_lite.engine.base import (
     EngineError,
     EngineUnavailable,
 )
+from areal_lite.proxy.chat_request import ChatDefaults, ChatRequest, parse_chat_request
 from areal_lite.proxy.http import (
     SSE_DONE,
     ApiError,
@@ -50,89 +51,7 @@ from areal_lite.types import (
     TokenChunk,
 )
 
-MAX_N = 64  # choices per request
-
-
-@dataclass(frozen=True, slots=True)
-class ChatDefaults:
-    """What a request gets when it doesn't say (from config rollout.sampling)."""
-
-    max_new_tokens: int = 512
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-
-
-@dataclass(slots=True)
-class ChatRequest:
-    messages: list[dict]
-    tools: list[dict] | None  # None when absent or tool_choice == "none"
-    sampling: SamplingParams  # max_new_tokens resolved against the context later
-    max_tokens: int | None  # what the client asked for, if anything
-    n: int
-    stream: bool
-    include_usage: bool
-    logprobs: bool
-    template_kwargs: dict
-
-
-def _num(body: dict, key: str, default, lo: float, hi: float, kind=float):
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            kind is int and not float(value).is_integer()):
-        raise ApiError(400, f"'{key}' must be a {kind.__name__}, got {value!r}", param=key)
-    if not (lo <= value <= hi) or (isinstance(value, float) and math.isnan(value)):
-        raise ApiError(400, f"'{key}' must be in [{lo}, {hi}], got {value!r}", param=key)
-    return kind(value)
-
-
-def _stop_list(value) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,)
-    if isinstance(value, list) and all(isinstance(s, str) for s in value) and len(value) <= 16:
-        return tuple(s for s in value if s)
-    raise ApiError(400, "'stop' must be a string or a list of at most 16 strings", param="stop")
-
-
-def parse_chat_request(body: object, defaults: ChatDefaults) -> ChatRequest:
-    """Validate an OpenAI chat request body; raises ApiError(400) naming the bad field."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "request body must be a JSON object")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-        raise ApiError(400, "'messages' must be a non-empty list of message objects", param="messages")
-    tools = body.get("tools")
-    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
-        raise ApiError(400, "'tools' must be a list of tool objects", param="tools")
-    if body.get("tool_choice") == "none" or not tools:
-        tools = None
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None:
-        max_tokens = _num({"max_tokens": max_tokens}, "max_tokens", None, 1, 1 << 30, int)
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ApiError(400, "'seed' must be an integer", param="seed")
-    sampling = SamplingParams(
-        max_new_tokens=max_tokens or defaults.max_new_tokens,
-        temperature=_num(body, "temperature", defaults.temperature, 0.0, 2.0),
-        top_p=_num(body, "top_p", defaults.top_p, 1e-9, 1.0),
-        top_k=_num(body, "top_k", defaults.top_k, -1, 1 << 30, int),
-        stop=_stop_list(body.get("stop")),
-        seed=seed,
-    )
-    stream_options = body.get("stream_options") or {}
-    template_kwargs = body.get("chat_template_kwargs") or {}
-    if not isinstance(stream_options, dict) or not isinstance(template_kwargs, dict):
-        raise ApiError(400, "'stream_options' and 'chat_template_kwargs' must be objects")
-    return ChatRequest(
-        messages=messages, tools=tools, sampling=sampling, max_tokens=max_tokens,
-        n=_num(body, "n", 1, 1, MAX_N, int), stream=bool(body.get("stream", False)),
-        include_usage=bool(stream_options.get("include_usage", False)),
-        logprobs=bool(body.get("logprobs", False)), template_kwargs=template_kwargs)
+log = logging.getLogger(__name__)
 
 
 class _Detokenizer:
@@ -157,15 +76,19 @@ class ChatCompletions:
 
     def __init__(self, *, engine: Engine, renderer: ChatRenderer, sessions: SessionTable,
                  defaults: ChatDefaults, model_name: str, tool_parser: str,
-                 reasoning: bool) -> None:
+                 reasoning: bool, offload_chars: int = 1 << 16,
+                 render_pool: concurrent.futures.Executor | None = None) -> None:
         self.engine, self.renderer, self.sessions = engine, renderer, sessions
+        self.offload_chars = offload_chars  # requests with more text render off the loop
+        self._render_pool = render_pool  # None: the loop's default executor
+        self._warned_fallback = False  # the tool fallback is announced once
         self.defaults, self.model_name, self.reasoning = defaults, model_name, reasoning
         self.tool_parser_name = tool_parser
         self.hidden_ids = renderer.stop_token_ids
 
     async def handle(self, session: Session, body: object) -> ProxyResponse:
         req = parse_chat_request(body, self.defaults)
-        prompt = self.prepare(session, req)
+        prompt = await self.prepare(session, req)
         rid = "chatcmpl-" + secrets.token_hex(12)
         if req.stream:
             return sse_response(self._stream(session, req, prompt, rid))
@@ -174,10 +97,10 @@ class ChatCompletions:
 
     # --- the core both front-ends share ----------------------------------------------
 
-    def prepare(self, session: Session, req: ChatRequest) -> Prompt:
+    async def prepare(self, session: Session, req: ChatRequest) -> Prompt:
         """Render `req` for `session` (prefix-stable) and fit its sampling into the
         context (sets `req.sampling`); counts the request. Raises ApiError(400)."""
-        prompt = self._prompt(session, req)
+        prompt = await self._prompt(session, req)
         req.sampling = self._fit_context(req, len(prompt.input_ids))
         if session.greedy:
             req.sampling = replace(req.sampling, temperature=0.0)
@@ -192,15 +115,25 @@ class ChatCompletions:
             results = await self._generate_n(session, req, prompt, rid)
         finally:
             session.num_inflight -= 1
-        self._record(session, prompt, rid, results)
+        self._record(session, req, prompt, rid, results)
         return results
 
-    def _prompt(self, session: Session, req: ChatRequest) -> Prompt:
+    async def _prompt(self, session: Session, req: ChatRequest) -> Prompt:
         renderer = self.renderer
+        if req.tools and renderer.tool_fallback and not self._warned_fallback:
+            self._warned_fallback = True
+            log.warning("the model's chat template has no tool markup: tool schemas are put "
+                        "in the system message in the Hermes <tool_call> format and parsed "
+                        "back (rollout.proxy.tool_fallback = \"none\" drops them instead)")
         if req.template_kwargs:
             renderer = renderer.with_template_kwargs(req.template_kwargs)
         try:
-            prompt = renderer.build_prompt(req.messages, req.tools, session.cache.nodes)
+            if _approx_chars(req.messages) < self.offload_chars:
+                prompt = renderer.build_prompt(req.messages, req.tools, session.cache.nodes)
+            else:  # a big render would stall every other session: one worker thread
+                nodes = list(session.cache.nodes)  # a snapshot; the loop may add to the tree
+                prompt = await asyncio.get_running_loop().run_in_executor(
+                    self._render_pool, renderer.build_prompt, req.messages, req.tools, nodes)
         except ValueError as e:
             raise ApiError(400, str(e), param="messages") from None
         if prompt.prefix_break:
@@ -236,7 +169,7 @@ class ChatCompletions:
             raise engine_api_error(eg.exceptions[0]) from None
         return [t.result() for t in tasks]
 
-    def _record(self, session: Session, prompt: Prompt, rid: str,
+    def _record(self, session: Session, req: ChatRequest, prompt: Prompt, rid: str,
                 results: list[GenerateResult]) -> None:
         if session.ended:  # the episode finished (or timed out) while we generated
             return
@@ -245,7 +178,7 @@ class ChatCompletions:
                 id=rid if len(results) == 1 else f"{rid}/{i}", response_id=rid,
                 parent_id=prompt.parent_id, prompt_ids=prompt.input_ids,
                 output_ids=res.output_ids, logprobs=res.logprobs, versions=res.versions,
-                finish_reason=res.finish_reason,
+                finish_reason=res.finish_reason, max_new_tokens=req.sampling.max_new_tokens,
                 text=prompt.text + self.renderer.decode(res.output_ids)))
 
     # --- non-streaming ---------------------------------------------------------------
@@ -320,7 +253,7 @@ class ChatCompletions:
                     n_done += 1
                     continue
                 yield i, item
-            self._record(session, prompt, rid, results)
+            self._record(session, req, prompt, rid, results)
         finally:
             session.num_inflight -= 1
             for t in tasks:
@@ -409,14 +342,33 @@ class ChoiceStream:
         return deltas + tail, tool_calls
 
 
+def _approx_chars(messages: list[dict]) -> int:
+    """About how much text a request's messages hold (string contents and parts)."""
+    total = 0
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(p["text"]) for p in content
+                         if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return total
+
+
 def _usage(prompt: Prompt, num_output_tokens: int) -> dict:
     return {"prompt_tokens": len(prompt.input_ids), "completion_tokens": num_output_tokens,
             "total_tokens": len(prompt.input_ids) + num_output_tokens}
 
 
 def engine_api_error(exc: BaseException) -> ApiError:
+    """The client's view of an engine failure: no internal address or id in it (the
+    details go to the proxy's log, grouped by kind: `ProxyServer.dispatch`)."""
     if isinstance(exc, ContextLengthExceeded):
-        return ApiError(400, str(exc), code="context_length_exceeded", param="messages")
+        return ApiError(400, "the prompt plus max_tokens does not fit the model's context",
+                        code="context_length_exceeded", param="messages")
     if isinstance(exc, EngineUnavailable):
-        return ApiError(503, f"no inference engine reachable: {exc}", type="service_unavailable")
-    return ApiError(502, f"inference engine error: {exc}", type="server_error")
+        err = ApiError(503, "no inference engine reachable", type="service_unavailable")
+    else:
+        err = ApiError(502, "inference engine error", type="server_error")
+    err.engine_error = exc
+    return err

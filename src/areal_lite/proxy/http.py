@@ -8,9 +8,11 @@ no HTTP parsing, same event loop) — decision 6, "one hop".
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
+import aiohttp
 import httpx2
 import msgspec
 from aiohttp import web
@@ -61,6 +63,7 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = (
             status, message, type, code, param)
+        self.engine_error: BaseException | None = None  # the engine failure behind a 5xx
 
     def response(self) -> ProxyResponse:
         return json_response({"error": {"message": self.message, "type": self.type,
@@ -77,31 +80,70 @@ SSE_DONE = b"data: [DONE]\n\n"
 
 # --- aiohttp (TCP) -------------------------------------------------------------------
 
-def make_aiohttp_app(dispatch: Handler, *, max_request_bytes: int) -> web.Application:
+Refuse = Callable[[ProxyRequest], "ProxyResponse | None"]  # from the headers alone
+Reject = Callable[[str, ApiError], ProxyResponse]  # (path, error) -> the reply
+
+
+def _client_gone(exc: BaseException) -> bool:
+    """The client closed its connection: nothing to answer, nothing to log."""
+    return isinstance(exc, (ConnectionResetError, aiohttp.ClientConnectionResetError))
+
+
+def make_aiohttp_app(dispatch: Handler, *, refuse: Refuse, reject: Reject,
+                     max_request_bytes: int, body_timeout_s: float) -> web.Application:
+    """`refuse` sees the method, path and headers before any body byte is read; a
+    refusal closes the connection, so an unwanted upload is never read. A body over
+    `max_request_bytes` is a 413 and one slower than `body_timeout_s` a 408, both in
+    the route's error shape (`reject`)."""
+    def early(request: web.Request, presp: ProxyResponse) -> web.Response:
+        resp = web.Response(status=presp.status, body=presp.body, headers=presp.headers)
+        resp.force_close()  # the unread body (if any) is dropped with the connection
+        return resp
+
     async def handle(request: web.Request) -> web.StreamResponse:
-        try:
-            body = await request.read()
-        except ConnectionResetError:  # the client went away mid-request: nothing to answer
-            return web.Response(status=499)
         preq = ProxyRequest(method=request.method, path=request.path,
                             headers={k.lower(): v for k, v in request.headers.items()},
-                            body=body)
+                            body=b"")
+        refused = refuse(preq)
+        if refused is not None:
+            return early(request, refused)
+        if (request.content_length or 0) > max_request_bytes:
+            return early(request, reject(preq.path, _too_large(max_request_bytes)))
+        try:
+            async with asyncio.timeout(body_timeout_s):
+                preq.body = await request.read()
+        except TimeoutError:
+            return early(request, reject(preq.path, ApiError(
+                408, f"request body not received within {body_timeout_s} s")))
+        except web.HTTPRequestEntityTooLarge:  # chunked, no Content-Length
+            return early(request, reject(preq.path, _too_large(max_request_bytes)))
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            return web.Response(status=499)  # the client went away mid-request
         presp = await dispatch(preq)
         if presp.stream is None:
             return web.Response(status=presp.status, body=presp.body, headers=presp.headers)
         resp = web.StreamResponse(status=presp.status, headers=presp.headers)
-        await resp.prepare(request)
         try:
+            await resp.prepare(request)
             async for chunk in presp.stream:
                 await resp.write(chunk)
+            await resp.write_eof()
+        except Exception as e:
+            if not _client_gone(e):
+                raise
+            resp.force_close()  # an agent that leaves mid-stream is not an error
         finally:
-            await presp.stream.aclose()  # type: ignore[attr-defined]
-        await resp.write_eof()
+            await presp.stream.aclose()  # type: ignore[attr-defined]  # aborts generation
         return resp
 
     app = web.Application(client_max_size=max_request_bytes)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"request body is larger than {limit} bytes "
+                    "(rollout.proxy.max_request_mb)", code="request_too_large")
 
 
 # --- in process (httpx2) -------------------------------------------------------------
@@ -121,18 +163,23 @@ class _ChunkStream(httpx2.AsyncByteStream):
 class InProcessTransport(httpx2.AsyncBaseTransport):
     """An httpx2 transport that calls the proxy's handlers directly in this loop."""
 
-    def __init__(self, dispatch: Handler, *, max_request_bytes: int) -> None:
-        self._dispatch = dispatch
+    def __init__(self, dispatch: Handler, *, refuse: Refuse, reject: Reject,
+                 max_request_bytes: int) -> None:
+        self._dispatch, self._refuse, self._reject = dispatch, refuse, reject
         self._max_request_bytes = max_request_bytes
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
-        body = await request.aread()
-        if len(body) > self._max_request_bytes:
-            presp = ApiError(413, "request body too large").response()
-        else:
-            presp = await self._dispatch(ProxyRequest(
-                method=request.method, path=request.url.path,
-                headers={k.lower(): v for k, v in request.headers.items()}, body=body))
+        """The same checks in the same order as over TCP (refuse, size, dispatch)."""
+        preq = ProxyRequest(method=request.method, path=request.url.path,
+                            headers={k.lower(): v for k, v in request.headers.items()},
+                            body=b"")
+        presp = self._refuse(preq)
+        if presp is None:
+            preq.body = await request.aread()
+            if len(preq.body) > self._max_request_bytes:
+                presp = self._reject(preq.path, _too_large(self._max_request_bytes))
+            else:
+                presp = await self._dispatch(preq)
         if presp.stream is None:
             return httpx2.Response(presp.status, headers=presp.headers, content=presp.body,
                                    request=request)

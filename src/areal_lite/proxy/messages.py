@@ -64,7 +64,7 @@ def _bad(message: str) -> ApiError:
 
 def _block_text(block: Any, where: str) -> str:
     kind = block.get("type") if isinstance(block, Mapping) else None
-    if kind in _UNSUPPORTED_BLOCKS:
+    if isinstance(kind, str) and kind in _UNSUPPORTED_BLOCKS:
         raise _bad(f"{where}: {kind} content is not supported "
                    "(this proxy serves text-only models)")
     if kind != "text" or not isinstance(block.get("text"), str):
@@ -229,7 +229,7 @@ class Messages:
 
     async def handle(self, session: Session, body: object) -> ProxyResponse:
         req = parse_messages_request(body, self.chat.defaults)
-        prompt = self.chat.prepare(session, req)
+        prompt = await self.chat.prepare(session, req)
         rid = "msg_" + secrets.token_hex(12)
         if req.stream:
             return sse_response(self._stream(session, req, prompt, rid))

@@ -27,7 +27,7 @@ import msgspec
 
 __all__ = ["Delta", "ParsedOutput", "TOOL_PARSERS", "ToolCall", "ToolFormat",
            "detect_tool_parser", "first_tag", "get_format", "new_call_id", "parse_output",
-           "split_reasoning", "think_opened_in_prompt"]
+           "split_reasoning", "template_renders_tools", "think_opened_in_prompt"]
 
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 MISTRAL_TAG = "[TOOL_CALLS]"
@@ -223,6 +223,14 @@ def detect_tool_parser(chat_template: str | Mapping[str, str] | None) -> str:
     if PYTHON_TAG in chat_template or "ipython" in chat_template:
         return "llama3"
     return "none"
+
+
+def template_renders_tools(chat_template: str | Mapping[str, str] | None) -> bool:
+    """Whether a chat template reads the `tools` variable at all (SmolLM2's does not:
+    such models get the Hermes fallback, see render.py `hermes_tool_fallback`)."""
+    if isinstance(chat_template, Mapping):
+        chat_template = "\n".join(str(t) for t in chat_template.values())
+    return bool(chat_template) and "tools" in chat_template
 
 
 def get_format(name: str) -> ToolFormat:

@@ -27,7 +27,8 @@ import msgspec
 
 from areal_lite.types import CompletionNode
 
-__all__ = ["ChatRenderer", "ChatTokenizer", "Prompt", "normalize_messages"]
+__all__ = ["ChatRenderer", "ChatTokenizer", "Prompt", "hermes_tool_fallback",
+           "normalize_messages"]
 
 # OpenAI roles -> the roles chat templates know.
 _ROLES = {"system": "system", "developer": "system", "user": "user",
@@ -71,6 +72,7 @@ def _content_text(content: Any, where: str) -> str:
     texts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, Mapping) else None
+        kind = kind if isinstance(kind, str) else None  # a list here is malformed, not a crash
         if kind in _IMAGE_PARTS:
             raise ValueError(f"{where}.content[{j}]: image content is not supported "
                              "(this proxy serves text-only models)")
@@ -107,7 +109,7 @@ def _tool_call(call: Any, where: str) -> dict:
     return out
 
 
-def _normalize_message(msg: Any, i: int) -> dict:
+def _normalize_message(msg: Any, i: int, max_chars: int) -> dict:
     where = f"messages[{i}]"
     if not isinstance(msg, Mapping):
         raise ValueError(f"{where} must be an object with 'role' and 'content', "
@@ -119,6 +121,9 @@ def _normalize_message(msg: Any, i: int) -> dict:
         raise ValueError(f"{where}.role {msg['role']!r} is not supported; "
                          f"use one of {sorted(_ROLES)}")
     out: dict[str, Any] = {"role": role, "content": _content_text(msg.get("content"), where)}
+    if len(out["content"]) > max_chars:
+        raise ValueError(f"{where}.content has {len(out['content'])} characters; the limit is "
+                         f"{max_chars} (rollout.proxy.max_message_chars)")
     if role == "assistant":
         calls = msg.get("tool_calls")
         if calls:
@@ -135,16 +140,60 @@ def _normalize_message(msg: Any, i: int) -> dict:
     return out
 
 
-def normalize_messages(messages: Any) -> list[dict]:
+def normalize_messages(messages: Any, max_message_chars: int = 1 << 62) -> list[dict]:
     """OpenAI-shaped chat messages -> the plain dicts chat templates expect.
 
     Content parts are joined into one string ("\\n" between text parts), `developer`
     becomes `system`, None content becomes "", assistant tool-call arguments that are a
-    JSON object string become a dict. Raises ValueError naming the offending message.
+    JSON object string become a dict. Raises ValueError naming the offending message
+    (also when its text is longer than `max_message_chars`).
     """
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list of {role, content} objects")
-    return [_normalize_message(m, i) for i, m in enumerate(messages)]
+    return [_normalize_message(m, i, max_message_chars) for i, m in enumerate(messages)]
+
+
+# ----------------------------------------------------------------------------- tools
+
+_HERMES_SYSTEM = """# Tools
+
+You may call one or more functions to assist with the user query.
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>
+{tools}
+</tools>
+
+For each function call, return a json object with function name and arguments within \
+<tool_call></tool_call> XML tags:
+<tool_call>
+{{"name": <function-name>, "arguments": <args-json-object>}}
+</tool_call>"""
+
+
+def hermes_tool_fallback(messages: list[dict], tools: list[dict]) -> list[dict]:
+    """Normalized messages for a template without tool markup: the tool schemas go into
+    the system message in the Hermes format (the parser reads `<tool_call>` back),
+    assistant tool calls become `<tool_call>` text, tool results user turns wrapped in
+    `<tool_response>` (Qwen2.5's convention). Pure."""
+    schemas = "\n".join(json.dumps(t.get("function", t), ensure_ascii=False) for t in tools)
+    system = _HERMES_SYSTEM.format(tools=schemas)
+    out = [dict(m) for m in messages]
+    if out and out[0]["role"] == "system":
+        out[0]["content"] = f"{out[0]['content']}\n\n{system}" if out[0]["content"] else system
+    else:
+        out.insert(0, {"role": "system", "content": system})
+    for m in out:
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            calls = [json.dumps({"name": c["function"]["name"],
+                                 "arguments": c["function"]["arguments"]}, ensure_ascii=False)
+                     for c in m.pop("tool_calls")]
+            text = "\n".join(f"<tool_call>\n{c}\n</tool_call>" for c in calls)
+            m["content"] = f"{m['content']}\n{text}" if m["content"] else text
+        elif m["role"] == "tool":
+            m.pop("tool_call_id", None)
+            m.update(role="user", content=f"<tool_response>\n{m['content']}\n</tool_response>")
+    return out
 
 
 # ----------------------------------------------------------------------------- renderer
@@ -154,14 +203,21 @@ class ChatRenderer:
 
     `chat_template_kwargs` are passed to the template on every render (e.g.
     `{"enable_thinking": False}`); `stop_token_ids` are stripped from the end of an
-    output like the tokenizer's eos token.
+    output like the tokenizer's eos token. A message longer than `max_message_chars`,
+    or a render longer than `max_prompt_chars`, is a ValueError before any tokenizing.
+    `tool_fallback`: the template has no tool markup, so requests with tools are
+    rendered through `hermes_tool_fallback` (parse replies with the hermes parser).
     """
 
     def __init__(self, tokenizer: ChatTokenizer, *,
                  chat_template_kwargs: dict | None = None,
-                 stop_token_ids: Iterable[int] = ()) -> None:
+                 stop_token_ids: Iterable[int] = (),
+                 max_message_chars: int = 1 << 20, max_prompt_chars: int = 1 << 22,
+                 tool_fallback: bool = False) -> None:
+        self.tool_fallback = tool_fallback
         self.tokenizer = tokenizer
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.max_message_chars, self.max_prompt_chars = max_message_chars, max_prompt_chars
         eos = getattr(tokenizer, "eos_token_id", None)
         self.stop_token_ids = frozenset(stop_token_ids) | ({eos} if eos is not None else set())
 
@@ -169,23 +225,33 @@ class ChatRenderer:
         """A renderer with `extra` template variables on top of this one's."""
         return ChatRenderer(self.tokenizer,
                             chat_template_kwargs={**self.chat_template_kwargs, **extra},
-                            stop_token_ids=self.stop_token_ids)
+                            stop_token_ids=self.stop_token_ids,
+                            max_message_chars=self.max_message_chars,
+                            max_prompt_chars=self.max_prompt_chars,
+                            tool_fallback=self.tool_fallback)
 
     def render_text(self, messages: list[dict], tools: list[dict] | None = None,
                     add_generation_prompt: bool = True) -> str:
         """The chat template's text for these messages (and tool schemas)."""
-        msgs = normalize_messages(messages)
+        msgs = normalize_messages(messages, self.max_message_chars)
         if tools is not None and (not isinstance(tools, list)
                                   or not all(isinstance(t, Mapping) for t in tools)):
             raise ValueError("tools must be a list of {\"type\": \"function\", "
                              "\"function\": {...}} objects")
+        if tools and self.tool_fallback:
+            msgs, tools = hermes_tool_fallback(msgs, tools), None
         try:
             text = self.tokenizer.apply_chat_template(
                 msgs, tools=tools or None, tokenize=False,
                 add_generation_prompt=add_generation_prompt, **self.chat_template_kwargs)
         except jinja2.TemplateError as e:
             raise ValueError(f"the model's chat template rejected these messages: {e}") from e
+        except RecursionError:  # e.g. tool schemas nested hundreds of levels deep
+            raise ValueError("the request is nested too deeply to render") from None
         assert isinstance(text, str), f"apply_chat_template returned {type(text).__name__}"
+        if len(text) > self.max_prompt_chars:
+            raise ValueError(f"the rendered prompt has {len(text)} characters; the limit is "
+                             f"{self.max_prompt_chars} (rollout.proxy.max_prompt_chars)")
         return text
 
     def encode(self, text: str) -> list[int]:
@@ -221,6 +287,8 @@ class ChatRenderer:
         prompt+output tokens start `input_ids`; only the rest of the text is tokenized.
         """
         full = self.render_text(messages, tools)
+        if not full:
+            raise ValueError("the chat template rendered these messages as an empty prompt")
         parent = _longest_prefix(full, candidates)
         if parent is None:
             continued = any(m.get("role") == "assistant" for m in messages

@@ -63,7 +63,7 @@ def _content_text(content: Any, where: str) -> str:
     texts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, Mapping) else None
-        if kind not in _TEXT_PARTS or not isinstance(part.get("text"), str):
+        if not isinstance(kind, str) or kind not in _TEXT_PARTS or not isinstance(part.get("text"), str):
             raise _bad(f"{where}[{j}] must be an input_text or output_text part "
                        f"(this proxy serves text-only models), got {part!r:.200}", "input")
         texts.append(part["text"])
@@ -124,7 +124,7 @@ def to_chat_messages(instructions: Any, items: Any) -> list[dict]:
             out.append({"role": "tool", "tool_call_id": item["call_id"],
                         "content": _content_text(item.get("output"), f"{where}.output")})
             turn = None
-        elif kind == "message" and item.get("role") in _INPUT_ROLES:
+        elif kind == "message" and isinstance(item.get("role"), str) and item["role"] in _INPUT_ROLES:
             out.append({"role": item["role"],
                         "content": _content_text(item.get("content"), f"{where}.content")})
             turn = None
@@ -173,8 +173,8 @@ def parse_responses_request(body: object, defaults: ChatDefaults) -> tuple[ChatR
         raise _bad("'stream' must be a boolean", "stream")
     max_out = body.get("max_output_tokens")
     if max_out is not None and (isinstance(max_out, bool) or not isinstance(max_out, int)
-                                or max_out < 1):
-        raise _bad(f"'max_output_tokens' must be a positive integer, got {max_out!r:.50}",
+                                or not 1 <= max_out <= 1 << 30):
+        raise _bad(f"'max_output_tokens' must be an integer in [1, 2^30], got {max_out!r:.50}",
                    "max_output_tokens")
     tool_choice = body.get("tool_choice") or "auto"
     req = parse_chat_request({
@@ -225,7 +225,7 @@ class Responses:
 
     async def handle(self, session: Session, body: object) -> ProxyResponse:
         req, echo = parse_responses_request(body, self.chat.defaults)
-        prompt = self.chat.prepare(session, req)
+        prompt = await self.chat.prepare(session, req)
         rid = _new_id("resp_")
         if req.stream:
             return sse_response(self._stream(session, req, echo, prompt, rid))

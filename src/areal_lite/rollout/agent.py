@@ -16,9 +16,11 @@ import inspect
 import math
 import numbers
 import os
+import sys
 import types
 from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 Reward = float | dict[str, float]
@@ -124,20 +126,55 @@ async def _await(awaitable: Any) -> Any:
     return await awaitable
 
 
+_MAIN_GUARD_HINT = (
+    "if the training script has no `if __name__ == \"__main__\":` guard around its "
+    "Trainer(...).train() call, every subproc agent worker re-runs it when it starts: "
+    "add the guard")
+
+
 def make_subproc_pool(max_workers: int) -> ProcessPoolExecutor:
+    """A pool of spawned workers. Refuses to run inside such a worker: that happens when
+    the user's script, re-imported by the worker as `__mp_main__`, starts training."""
     import multiprocessing as mp
 
+    main = sys.modules.get("__main__")
+    if mp.parent_process() is not None and getattr(main, "__name__", "") == "__mp_main__":
+        raise RuntimeError(f"a subproc agent worker started a training run: {_MAIN_GUARD_HINT}")
     return ProcessPoolExecutor(max_workers=max_workers, mp_context=mp.get_context("spawn"))
+
+
+def _env_var_hint(exc: KeyError) -> RuntimeError | None:
+    """An inline agent that read OPENAI_BASE_URL & co. gets an error saying why."""
+    name = exc.args[0] if exc.args else None
+    if isinstance(name, str) and name.startswith(("OPENAI_", "ANTHROPIC_")):
+        return RuntimeError(
+            f"the agent read the environment variable {name}, which inline agents do not "
+            "get (they share one process); agents configured by environment variables need "
+            "rollout.agent.mode = \"subproc\" (or use the base_url/api_key/http_client "
+            "keyword arguments of run)")
+    return None
 
 
 async def run_workflow(workflow: Any, data: dict, *, base_url: str, api_key: str,
                        http_client: Any, pool: ProcessPoolExecutor | None) -> Reward:
     """Run one episode's agent code (inline, or in `pool` when given); check its reward."""
     if pool is None:
-        result = workflow.run(data, base_url=base_url, api_key=api_key, http_client=http_client)
-        if inspect.isawaitable(result):
-            result = await result
+        try:
+            result = workflow.run(data, base_url=base_url, api_key=api_key,
+                                  http_client=http_client)
+            if inspect.isawaitable(result):
+                result = await result
+        except KeyError as e:
+            hint = _env_var_hint(e)
+            if hint is None:
+                raise
+            raise hint from e
     else:
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(pool, _subproc_episode, workflow, data, base_url, api_key)
+        try:
+            result = await loop.run_in_executor(pool, _subproc_episode, workflow, data,
+                                                base_url, api_key)
+        except BrokenProcessPool as e:
+            raise RuntimeError(f"a subproc agent worker died ({e}); {_MAIN_GUARD_HINT}; "
+                               "otherwise see the worker's traceback above") from e
     return check_reward(result)

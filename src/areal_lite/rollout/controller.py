@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -26,6 +27,7 @@ from areal_lite.rollout.agent import BadReward, run_workflow
 from areal_lite.types import Sample
 
 log = logging.getLogger(__name__)
+_IDS = re.compile(r"[0-9a-fA-F]{8,}|\d+")  # request ids, hex keys, counts, ports
 
 
 @dataclass(slots=True)
@@ -35,6 +37,7 @@ class EpisodeResult:
     reward: float | None  # the scalar reward, or the mean of a dict's values
     num_completions: int  # completions recorded in the episode's tree
     error: str | None = None  # "timeout" | "bad_reward" | "aborted" | "exception:<Type>"
+    score: float | None = None  # per episode: the scalar reward, or the best of a dict's values
 
     @property
     def failed(self) -> bool:
@@ -119,13 +122,15 @@ class RolloutController:
         samples = self.proxy.exporter(self.proxy.sessions.end(session.id))
         scalar = reward if isinstance(reward, float) else (
             sum(reward.values()) / len(reward) if reward else None)
+        score = reward if isinstance(reward, float) else max(reward.values(), default=None)
         return EpisodeResult(episode_id=session.id, samples=samples, reward=scalar,
-                             num_completions=len(session.cache))
+                             score=score, num_completions=len(session.cache))
 
     def _fail(self, session: Session, kind: str, exc: BaseException) -> EpisodeResult:
         self.stats.num_failed += 1
         self.stats.failures[kind] = self.stats.failures.get(kind, 0) + 1
-        signature = (kind, str(exc)[:200])
+        # ids and numbers differ between otherwise identical failures: not in the key
+        signature = (kind, _IDS.sub("#", str(exc)[:200]))
         if signature not in self.stats._logged:  # log each distinct failure once
             self.stats._logged.add(signature)
             tb = "".join(traceback.format_exception(exc))

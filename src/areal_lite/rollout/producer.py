@@ -14,10 +14,13 @@ can hand them out again after a restart (no prompt trained twice, none skipped).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 
 from areal_lite.data.prompts import PromptStream
 from areal_lite.rollout.controller import GroupResult, RolloutController
+
+log = logging.getLogger(__name__)
 
 
 class GroupProducer:
@@ -25,8 +28,11 @@ class GroupProducer:
 
     def __init__(self, controller: RolloutController, prompts: PromptStream, *,
                  batch_size: int, group_size: int, max_head_offpolicyness: int,
-                 version: Callable[[], int], consumed: int = 0) -> None:
+                 version: Callable[[], int], consumed: int = 0,
+                 max_failures_frac: float = 1.0) -> None:
         self.controller, self.prompts = controller, prompts
+        self.max_failures_frac = max_failures_frac  # failed episodes a batch may hold (fraction)
+        self.num_batches_dropped = 0  # batches over that limit: not trained on
         self.batch_size, self.group_size = batch_size, group_size
         self.eta = max_head_offpolicyness
         self.version = version  # current weight version of the engine
@@ -88,13 +94,27 @@ class GroupProducer:
             self._changed.notify_all()
 
     async def next_batch(self) -> tuple[list[GroupResult], list[int]]:
-        """Wait for `batch_size` finished groups; returns them and their start versions."""
+        """Wait for `batch_size` finished groups; returns them and their start versions.
+        A batch whose failed episodes exceed `max_failures_frac` is dropped (counted in
+        `num_batches_dropped`, logged) and the next one awaited; its groups no longer
+        count against the staleness bound."""
         give_up = 4 * self.batch_size
-        async with self._changed:
-            await self._changed.wait_for(lambda: len(self._ready) >= self.batch_size
-                                         or self.rejected_streak >= give_up)
-        if len(self._ready) < self.batch_size:
-            raise RuntimeError(f"every episode of the last {self.rejected_streak} groups failed; "
-                               "see the logged traceback of the agent's failure")
-        batch, self._ready = self._ready[: self.batch_size], self._ready[self.batch_size:]
-        return [g for _, g, _ in batch], [v for _, _, v in batch]
+        while True:
+            async with self._changed:
+                await self._changed.wait_for(lambda: len(self._ready) >= self.batch_size
+                                             or self.rejected_streak >= give_up)
+                if len(self._ready) < self.batch_size:
+                    raise RuntimeError(f"every episode of the last {self.rejected_streak} groups "
+                                       "failed; see the logged traceback of the agent's failure")
+                batch, self._ready = self._ready[: self.batch_size], self._ready[self.batch_size:]
+                groups = [g for _, g, _ in batch]
+                num_failed = sum(g.num_failed for g in groups)
+                frac = num_failed / max(1, sum(len(g.episodes) for g in groups))
+                if frac <= self.max_failures_frac:
+                    return groups, [v for _, _, v in batch]
+                self.num_batches_dropped += 1
+                self.num_accepted -= len(batch)  # never trained: room for new groups
+                self._changed.notify_all()
+            log.warning("dropped a batch: %d of its episodes failed (%.0f%% > "
+                        "rollout.max_episode_failures_frac = %s); %d batches dropped so far",
+                        num_failed, 100 * frac, self.max_failures_frac, self.num_batches_dropped)

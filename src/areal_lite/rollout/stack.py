@@ -20,11 +20,12 @@ from areal_lite.engine.base import Engine, SessionAware
 from areal_lite.export import export_episode
 from areal_lite.proxy.app import ProxyServer
 from areal_lite.proxy.chat import ChatDefaults
-from areal_lite.proxy.parsers import detect_tool_parser
+from areal_lite.proxy.parsers import detect_tool_parser, template_renders_tools
 from areal_lite.proxy.render import ChatRenderer
 from areal_lite.proxy.sessions import Session
 from areal_lite.rollout.agent import LegacyAgent, make_subproc_pool, resolve_workflow
 from areal_lite.rollout.controller import RolloutController
+from areal_lite.runtime import tune_gc
 from areal_lite.types import Sample
 
 
@@ -119,9 +120,14 @@ async def open_rollout(cfg: ExperimentConfig, workflow: Any = None, *,
         if engine is None:
             engine, servers = await _open_engine(cfg, str(model_dir), tokenizer, stack)
         tool_parser = r.proxy.tool_parser
+        template = getattr(tokenizer, "chat_template", None)
+        fallback = r.proxy.tool_fallback == "hermes" and not template_renders_tools(template)
         if tool_parser == "auto":
-            tool_parser = detect_tool_parser(getattr(tokenizer, "chat_template", None))
-        renderer = ChatRenderer(tokenizer, chat_template_kwargs=r.proxy.chat_template_kwargs)
+            tool_parser = "hermes" if fallback else detect_tool_parser(template)
+        renderer = ChatRenderer(tokenizer, chat_template_kwargs=r.proxy.chat_template_kwargs,
+                                max_message_chars=r.proxy.max_message_chars,
+                                max_prompt_chars=r.proxy.max_prompt_chars,
+                                tool_fallback=fallback)
         proxy = ProxyServer(
             engine=engine, renderer=renderer, exporter=make_exporter(cfg),
             host=r.proxy.host, port=r.proxy.port, model_name=r.proxy.model_name,
@@ -129,7 +135,9 @@ async def open_rollout(cfg: ExperimentConfig, workflow: Any = None, *,
             defaults=ChatDefaults(max_new_tokens=r.sampling.max_new_tokens,
                                   temperature=r.sampling.temperature, top_p=r.sampling.top_p,
                                   top_k=r.sampling.top_k),
-            max_request_mb=r.proxy.max_request_mb)
+            max_request_mb=r.proxy.max_request_mb, body_timeout_s=r.proxy.body_timeout_s,
+            idle_timeout_s=r.proxy.idle_timeout_s,
+            render_offload_chars=r.proxy.render_offload_chars)
         await stack.enter_async_context(proxy)
         http_client = await stack.enter_async_context(proxy.http_client(timeout=r.episode_timeout_s))
         pool = None
@@ -141,5 +149,6 @@ async def open_rollout(cfg: ExperimentConfig, workflow: Any = None, *,
                                        max_concurrent=r.max_concurrent_rollouts, pool=pool,
                                        end_session=(engine.end_session
                                                     if isinstance(engine, SessionAware) else None))
+        tune_gc()  # GC work per request stays flat (runtime.py)
         yield RolloutStack(engine=engine, proxy=proxy, controller=controller,
                            tokenizer=tokenizer, model_dir=str(model_dir), servers=servers)
