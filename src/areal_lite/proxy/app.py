@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import httpx2
 import msgspec
@@ -72,6 +72,8 @@ class ProxyServer:
         self.messages = Messages(self.chat)
         self.responses = Responses(self.chat)
         self.num_errors: dict[int, int] = {}  # HTTP status -> count of error replies
+        # path prefix -> handler(req, path): routes other modules add (tokens.py, online.py)
+        self.mounts: dict[str, Callable[[ProxyRequest, str], Awaitable[ProxyResponse]]] = {}
         self._runner: web.AppRunner | None = None
 
     # --- lifecycle -------------------------------------------------------------------
@@ -115,6 +117,9 @@ class ProxyServer:
 
     async def _route(self, req: ProxyRequest) -> ProxyResponse:
         path = req.path.rstrip("/")
+        for prefix, handler in self.mounts.items():
+            if path.startswith(prefix):
+                return await handler(req, path)
         if path == "/v1/chat/completions" and req.method == "POST":
             session = self._session_for(req)
             return await self.chat.handle(session, _json_body(req))

@@ -22,7 +22,9 @@ from areal_lite.proxy.app import ProxyServer
 from areal_lite.proxy.chat import ChatDefaults
 from areal_lite.proxy.parsers import detect_tool_parser
 from areal_lite.proxy.render import ChatRenderer
+from areal_lite.proxy.rewards import mount_rewards
 from areal_lite.proxy.sessions import Session
+from areal_lite.proxy.tokens import mount_tokens
 from areal_lite.rollout.agent import LegacyAgent, make_subproc_pool, resolve_workflow
 from areal_lite.rollout.controller import RolloutController
 from areal_lite.types import Sample
@@ -95,8 +97,10 @@ async def open_rollout(cfg: ExperimentConfig, workflow: Any = None, *,
     from areal_lite.models import load_tokenizer, resolve_model_dir
 
     r = cfg.rollout
-    wf = resolve_workflow(workflow if workflow is not None else cfg.workflow,
-                          r.agent.agent_kwargs)
+    spec = workflow if workflow is not None else cfg.workflow
+    # online mode needs no workflow: its agents live outside (rollout/online.py)
+    wf = None if r.agent.mode == "online" and not spec else resolve_workflow(
+        spec, r.agent.agent_kwargs)
     model_dir = await asyncio.to_thread(resolve_model_dir, cfg.actor.path)
     tokenizer = await asyncio.to_thread(load_tokenizer, model_dir)
     async with contextlib.AsyncExitStack() as stack:
@@ -116,6 +120,8 @@ async def open_rollout(cfg: ExperimentConfig, workflow: Any = None, *,
                                   temperature=r.sampling.temperature, top_p=r.sampling.top_p,
                                   top_k=r.sampling.top_k),
             max_request_mb=r.proxy.max_request_mb)
+        mount_tokens(proxy)  # token-level agents (rollout/env.py)
+        mount_rewards(proxy)  # run_and_submit_rewards (the older proxy style)
         await stack.enter_async_context(proxy)
         http_client = await stack.enter_async_context(proxy.http_client(timeout=r.episode_timeout_s))
         pool = None
