@@ -129,6 +129,17 @@ def resolve_workflow(spec: Any, agent_kwargs: Mapping[str, Any] | None = None) -
     return obj
 
 
+def takes_extra_kwargs(workflow: Any) -> bool:
+    """Whether `workflow.run` accepts base_url/api_key/http_client. A `run(self, data)`
+    (the reference documents' AgentWorkflow snippet) reads OPENAI_BASE_URL/OPENAI_API_KEY
+    instead, so it runs in the subprocess pool, where those belong to one episode."""
+    try:
+        params = inspect.signature(workflow.run).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin): assume the contract
+        return True
+    return any(p.kind is p.VAR_KEYWORD or p.name == "base_url" for p in params)
+
+
 def check_reward(value: Any) -> Reward:
     """Accept int/float/bool/numpy scalars or a {completion_id: number} dict."""
     def number(x: Any, where: str) -> float:
@@ -149,7 +160,10 @@ def _subproc_episode(workflow: Any, data: dict, base_url: str, api_key: str) -> 
     """Runs in a pool worker: one episode at a time, so the env vars are its own."""
     os.environ["OPENAI_BASE_URL"] = base_url
     os.environ["OPENAI_API_KEY"] = api_key
-    result = workflow.run(data, base_url=base_url, api_key=api_key)
+    if takes_extra_kwargs(workflow):
+        result = workflow.run(data, base_url=base_url, api_key=api_key)
+    else:
+        result = workflow.run(data)
     if inspect.isawaitable(result):
         return asyncio.run(_await(result))
     return result

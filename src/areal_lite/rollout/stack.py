@@ -25,7 +25,12 @@ from areal_lite.proxy.render import ChatRenderer
 from areal_lite.proxy.rewards import mount_rewards
 from areal_lite.proxy.sessions import Session
 from areal_lite.proxy.tokens import mount_tokens
-from areal_lite.rollout.agent import LegacyAgent, make_subproc_pool, resolve_workflow
+from areal_lite.rollout.agent import (
+    LegacyAgent,
+    make_subproc_pool,
+    resolve_workflow,
+    takes_extra_kwargs,
+)
 from areal_lite.rollout.controller import RolloutController
 from areal_lite.types import Sample
 
@@ -125,7 +130,8 @@ async def open_rollout(cfg: ExperimentConfig, workflow: Any = None, *,
         await stack.enter_async_context(proxy)
         http_client = await stack.enter_async_context(proxy.http_client(timeout=r.episode_timeout_s))
         pool = None
-        if r.agent.mode == "subproc" or isinstance(wf, LegacyAgent):
+        if wf is not None and (r.agent.mode == "subproc" or isinstance(wf, LegacyAgent)
+                               or not takes_extra_kwargs(wf)):
             pool = make_subproc_pool(r.agent.subproc_max_workers)
             stack.callback(functools.partial(pool.shutdown, wait=False, cancel_futures=True))
         controller = RolloutController(proxy, wf, http_client=http_client,
