@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 
 import pytest
-from conftest import ANSWER
+from workflow_bench import ANSWER
 
 from areal_lite.workflows.openhands import MathAgent as OpenHandsMathAgent
 

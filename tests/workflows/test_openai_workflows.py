@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import ANSWER, assert_linked_turns
+from workflow_bench import ANSWER, assert_linked_turns
 
 from areal_lite.workflows.math_task import calculator, reward
 

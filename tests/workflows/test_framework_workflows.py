@@ -4,7 +4,7 @@ through the proxy with its real SDK; tool and handoff workflows make linked turn
 from __future__ import annotations
 
 import pytest
-from conftest import ANSWER, assert_linked_turns
+from workflow_bench import ANSWER, assert_linked_turns
 
 from areal_lite.workflows import require
 
