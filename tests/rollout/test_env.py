@@ -116,3 +116,20 @@ async def test_multiturn_math_example_trains_one_step(tiny_model_dir, tmp_path, 
     rows = [json.loads(x) for x in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [1]
     assert sys.modules["examples.multiturn_math.env"].FEEDBACK
+
+
+async def test_token_route_refuses_bad_input_naming_the_field(tiny_model_dir, tmp_path):
+    import httpx2
+
+    async with open_rollout(_cfg(tiny_model_dir, tmp_path), "sample_agents.ChatAgent") as stack:
+        session = stack.proxy.sessions.start()
+        auth = {"Authorization": f"Bearer {session.key}"}
+        async with httpx2.AsyncClient(timeout=60) as http:
+            url = stack.proxy.base_url + "/tokens/generate"
+            assert (await http.post(url, json={"input_ids": [1]})).status_code == 401
+            for body, field in [({"input_ids": []}, "input_ids"), ({"input_ids": ["a"]}, "input_ids"),
+                                ({"input_ids": [1], "top_k": 0}, "top_k"),
+                                ({"input_ids": [1], "max_new_tokens": 10**6}, "input_ids")]:
+                resp = await http.post(url, headers=auth, json=body)
+                assert resp.status_code == 400 and resp.json()["error"]["param"] == field, body
+        assert len(session.cache) == 0

@@ -95,6 +95,8 @@ class TokenGenerate:
             max_new_tokens=max_new, temperature=_num(body, "temperature", d.temperature, 0, 2),
             top_p=_num(body, "top_p", d.top_p, 1e-9, 1), top_k=_num(body, "top_k", d.top_k, -1, 1 << 30, int),
             stop_token_ids=stops)
+        if sampling.top_k == 0:
+            raise ApiError(400, "'top_k' must be -1 (whole vocabulary) or >= 1, got 0", param="top_k")
         return replace(sampling, temperature=0.0) if session.greedy else sampling
 
 
