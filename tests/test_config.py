@@ -177,7 +177,7 @@ def test_validate_config_rechecks_code_mutations():
         (
             '[rollout.agent]\nmode = "thread"',
             [],
-            "rollout.agent.mode must be one of 'inline', 'subproc', got 'thread' (config.toml)",
+            "rollout.agent.mode must be one of 'inline', 'subproc', 'online', got 'thread' (config.toml)",
         ),
         (
             "",

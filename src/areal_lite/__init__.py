@@ -50,6 +50,7 @@ _HOMES: dict[str, str] = {
     "math_reward": "areal_lite.data.rewards",
     "open_rollout": "areal_lite.rollout.stack",
     "resolve_workflow": "areal_lite.rollout.agent",
+    "run_and_submit_rewards": "areal_lite.rollout.agent",
 }
 
 __all__ = [
@@ -91,6 +92,7 @@ __all__ = [
     "math_reward",
     "open_rollout",
     "resolve_workflow",
+    "run_and_submit_rewards",
 ]
 
 

@@ -1,4 +1,9 @@
-"""Command line: `areal-lite {train,rollout} config.toml [key=value ...]`.
+"""Command line: `areal-lite {train,rollout,serve} config.toml [key=value ...]`.
+
+The config may also be given as `--config config.toml` (the reference documents' form).
+`serve` is `train` with rollout.agent.mode = "online": the proxy serves agents that run
+elsewhere, which open sessions through its admin routes (proxy/online.py); it logs the
+base URL and where the admin key is (`{run dir}/admin_key`, mode 0600).
 
 `rollout` runs one batch of groups through the proxy and prints what the trainer would
 receive: per group the prompt and episode rewards, per exported sample its token counts
@@ -30,9 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="areal-lite", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in [("train", "train the policy on the config's workflow and dataset"),
-                        ("rollout", "run one batch of episodes through the proxy, print samples")]:
+                        ("rollout", "run one batch of episodes through the proxy, print samples"),
+                        ("serve", "train on episodes of agents outside (online mode)")]:
         c = sub.add_parser(name, help=help_)
-        c.add_argument("config", help="TOML config file")
+        c.add_argument("config", nargs="?", help="TOML config file")
+        c.add_argument("--config", dest="config_flag", metavar="CONFIG",
+                       help="TOML config file (instead of the positional one)")
         c.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rollout.group_size=8")
         c.add_argument("-v", "--verbose", action="store_true", help="debug logging")
         if name == "train":
@@ -42,7 +50,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.config_flag is not None:
+        if args.config is not None:  # with --config, a first bare word is an override
+            if "=" not in args.config:
+                parser.error(f"the config is given twice: {args.config!r} and --config")
+            args.overrides.insert(0, args.config)
+        args.config = args.config_flag
+    if args.config is None:
+        parser.error("a TOML config file is required (positional or --config)")
+    if args.command == "serve":
+        args.overrides.append("rollout.agent.mode=online")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpx2", "aiohttp.access", "urllib3"):

@@ -29,6 +29,7 @@ __all__ = [
     "DataConfig",
     "ExperimentConfig",
     "LocalEngineConfig",
+    "OpenAIConfig",
     "ProxyConfig",
     "RolloutConfig",
     "SGLangConfig",
@@ -141,13 +142,21 @@ class ActorConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class AgentConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """How agent episodes run and how their completions become training samples."""
 
-    mode: Literal["inline", "subproc"] = "inline"  # coroutine in the rollout loop, or process pool
+    mode: Literal["inline", "subproc", "online"] = "inline"  # rollout loop, process pool, outside
     turn_discount: Fraction = 1.0  # reward multiplier per turn walked back along the tree
     discount_agg: Literal["mean", "max"] = "mean"  # how a parent combines its children's rewards
     export_style: Literal["individual", "concat"] = "individual"  # 1 sample/completion or /leaf
     train_shared_once: bool = True  # concat: a prefix shared by leaves is trained once
     subproc_max_workers: PosInt = 4  # processes in the pool when mode = "subproc"
     agent_kwargs: dict[str, Any] = {}  # extra kwargs for the workflow constructor (a class)
+    online_session_timeout_s: PosFloat = 600.0  # online: a session not ended by then is freed, s
+    online_allow_remote: bool = False  # online: allow a non-loopback rollout.proxy.host
+
+
+class OpenAIConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The reference documents' `rollout.openai` section, folded into `rollout.agent`."""
+
+    mode: Literal["", "inline", "subproc", "online"] = ""  # older name of agent.mode; "" = unset
 
 
 class ProxyConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -242,6 +251,7 @@ class RolloutConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     episode_timeout_s: PosFloat = 600.0  # wall time of one episode, seconds
     max_episode_failures_frac: Fraction = 1.0  # failed episodes a batch may hold (fraction); over it: dropped
     agent: AgentConfig = msgspec.field(default_factory=AgentConfig)  # episodes -> samples
+    openai: OpenAIConfig = msgspec.field(default_factory=OpenAIConfig)  # older names (aliases)
     proxy: ProxyConfig = msgspec.field(default_factory=ProxyConfig)  # the agents' HTTP API
     sampling: SamplingConfig = msgspec.field(default_factory=SamplingConfig)  # defaults
     local: LocalEngineConfig = msgspec.field(default_factory=LocalEngineConfig)  # backend=local
@@ -256,6 +266,17 @@ class RolloutConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 "backend",
                 "sglang.launch",
             )
+        if self.openai.mode:
+            if self.agent.mode not in ("inline", self.openai.mode):
+                raise _FieldError("{0} = {a!r} and {1} = {b!r} disagree; set only {0} ({1} is "
+                                  "its older name)", "agent.mode", "openai.mode",
+                                  a=self.agent.mode, b=self.openai.mode)
+            self.agent.mode, self.openai.mode = self.openai.mode, ""
+        loopback = self.proxy.host in ("127.0.0.1", "localhost", "::1")
+        if self.agent.mode == "online" and not loopback and not self.agent.online_allow_remote:
+            raise _FieldError("{0} = {host!r} serves agents beyond this machine: set {1} = true "
+                              "to allow it (the admin key then guards the run)", "proxy.host",
+                              "agent.online_allow_remote", host=self.proxy.host)
 
 
 class SchedulerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -29,6 +29,7 @@ from areal_lite.engine.sglang.weight_group import WeightGroup
 from areal_lite.engine.stats import EngineStats, engine_metrics
 from areal_lite.metrics import MetricsLogger
 from areal_lite.rollout.controller import GroupResult, RolloutController
+from areal_lite.rollout.online import OnlineProducer
 from areal_lite.rollout.producer import GroupProducer
 from areal_lite.rollout.stack import RolloutStack, open_rollout, resolve_device
 from areal_lite.runtime import limit_malloc_growth, run_async
@@ -159,6 +160,10 @@ class Trainer:
                                  version=lambda: self.version,
                                  consumed=self.step * cfg.rollout.batch_size,
                                  max_failures_frac=cfg.rollout.max_episode_failures_frac)
+        if cfg.rollout.agent.mode == "online":  # episodes come from outside (rollout/online.py)
+            producer = OnlineProducer(stack.proxy, cfg.rollout, run_dir=self.run_dir,
+                                      version=lambda: self.version,
+                                      consumed=self.step * cfg.rollout.batch_size)
         metrics = exits.enter_context(MetricsLogger(self.run_dir, cfg.metrics, start_step=self.step))
         self._engine_metrics(stack.engine)  # mark the start
         return _Run(stack=stack, learner=learner, model=model, prompts=prompts,
@@ -276,6 +281,8 @@ class Trainer:
         cfg = self.cfg
         if not cfg.data.eval or not cfg.trainer.eval_every:
             return []
+        if cfg.rollout.agent.mode == "online" and not cfg.workflow:
+            return []  # no workflow here to evaluate with: the agents live outside
         rows = load_dataset_rows(cfg.data.eval, split="eval", seed=cfg.seed)
         return rows[: cfg.trainer.max_eval_prompts] if cfg.trainer.max_eval_prompts else rows
 

@@ -25,7 +25,7 @@ import hmac
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx2
@@ -85,8 +85,8 @@ class ProxyServer:
         self.messages = Messages(self.chat)
         self.responses = Responses(self.chat)
         self.num_errors: dict[int, int] = {}  # HTTP status -> count of error replies
-        self.num_failures: dict[str, int] = {}  # 5xx kind (route, message, type) -> count
-        self._admin_key = self.sessions.admin_key.encode()
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
         self._runner: web.AppRunner | None = None
 
     # --- lifecycle -------------------------------------------------------------------
@@ -179,6 +179,9 @@ class ProxyServer:
         if err is not None:
             raise err
         path = req.path.rstrip("/")
+        for prefix, handler in self.mounts.items():
+            if path.startswith(prefix):
+                return await handler(req, path)
         if path == "/v1/chat/completions" and req.method == "POST":
             session = self._session_for(req)
             return await self.chat.handle(session, _json_body(req))

@@ -3,9 +3,11 @@
 A workflow is any object with `async def run(self, data, **extra_kwargs)` returning a
 number (reward of the episode's last completion) or a `{completion_id: reward}` dict.
 It may be named by a dotted path (`pkg.mod.Class` / `pkg.mod:Class`), given as a class
-or an instance, or be a module exposing `async def run_agent_return_reward(data)` (the
-older proxy style, which reads `OPENAI_BASE_URL`/`OPENAI_API_KEY` and therefore always
-runs in a subprocess, where those variables belong to one episode at a time).
+or an instance, or be a module exposing `async def run_agent_return_reward(data)` or
+`async def run_and_submit(data)` (the older proxy style, which reads
+`OPENAI_BASE_URL`/`OPENAI_API_KEY` and therefore always runs in a subprocess, where those
+variables belong to one episode at a time). `run_and_submit` posts its rewards itself
+with `run_and_submit_rewards(func, data)`, to the proxy's `/v1/rl/set_reward`.
 """
 
 from __future__ import annotations
@@ -46,15 +48,46 @@ class BadReward(ValueError):
 
 
 class LegacyAgent:
-    """Adapter for a module with `async def run_agent_return_reward(data)`."""
+    """Adapter for a module with `async def run_agent_return_reward(data)` (its return is
+    the reward) or `async def run_and_submit(data)` (it posts the rewards itself)."""
 
-    def __init__(self, module_name: str) -> None:
-        self.module_name = module_name  # picklable: re-imported in the worker
+    def __init__(self, module_name: str, fn_name: str = "run_agent_return_reward") -> None:
+        self.module_name, self.fn_name = module_name, fn_name  # picklable: re-imported
 
     async def run(self, data: dict, **_: Any) -> Any:
-        fn = importlib.import_module(self.module_name).run_agent_return_reward
+        fn = getattr(importlib.import_module(self.module_name), self.fn_name)
         result = fn(data)
-        return await result if inspect.isawaitable(result) else result
+        result = await result if inspect.isawaitable(result) else result
+        return {} if self.fn_name == "run_and_submit" else result  # rewards already posted
+
+
+async def run_and_submit_rewards(func: Any, data: dict, base_url: str | None = None,
+                                 api_key: str | None = None) -> Reward:
+    """Run `await func(data)` and post its reward(s) to the proxy (the older proxy style).
+
+    `func` returns a number (the last completion's reward), a `{completion_id: reward}`
+    dict, or a `(reward, info)` tuple. The proxy and the session key come from
+    `OPENAI_BASE_URL` / `OPENAI_API_KEY` unless given. Returns the checked reward.
+    """
+    import httpx2
+
+    base_url = (base_url or os.environ["OPENAI_BASE_URL"]).rstrip("/")
+    api_key = api_key or os.environ["OPENAI_API_KEY"]
+    result = func(data)
+    result = await result if inspect.isawaitable(result) else result
+    if isinstance(result, tuple):
+        result = result[0]
+    reward = check_reward(result)
+    items = reward.items() if isinstance(reward, dict) else [(None, reward)]
+    async with httpx2.AsyncClient(timeout=60) as client:
+        for interaction_id, value in items:
+            resp = await client.post(f"{base_url}/rl/set_reward",
+                                     headers={"Authorization": f"Bearer {api_key}"},
+                                     json={"interaction_id": interaction_id, "reward": value})
+            if resp.status_code != 200:
+                raise BadReward(f"the proxy refused reward {value!r} for "
+                                f"{interaction_id or 'the last completion'}: {resp.text}")
+    return reward
 
 
 def _import_dotted(path: str) -> Any:
@@ -85,15 +118,28 @@ def resolve_workflow(spec: Any, agent_kwargs: Mapping[str, Any] | None = None) -
         except (ImportError, AttributeError) as e:
             raise ValueError(f"cannot import workflow {spec!r}: {e}") from e
     if isinstance(obj, types.ModuleType):
-        if hasattr(obj, "run_agent_return_reward"):
-            return LegacyAgent(obj.__name__)
+        for fn_name in ("run_agent_return_reward", "run_and_submit"):
+            if hasattr(obj, fn_name):
+                return LegacyAgent(obj.__name__, fn_name)
         raise ValueError(f"module {obj.__name__!r} has no workflow: name a class in it "
-                         "(pkg.mod.Class) or define `async def run_agent_return_reward(data)`")
+                         "(pkg.mod.Class) or define `async def run_agent_return_reward(data)` "
+                         "or `async def run_and_submit(data)`")
     if inspect.isclass(obj):
         obj = obj(**dict(agent_kwargs or {}))
     if not callable(getattr(obj, "run", None)):
         raise ValueError(f"workflow {spec!r} has no `run(self, data, **kwargs)` method")
     return obj
+
+
+def takes_extra_kwargs(workflow: Any) -> bool:
+    """Whether `workflow.run` accepts base_url/api_key/http_client. A `run(self, data)`
+    (the reference documents' AgentWorkflow snippet) reads OPENAI_BASE_URL/OPENAI_API_KEY
+    instead, so it runs in the subprocess pool, where those belong to one episode."""
+    try:
+        params = inspect.signature(workflow.run).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin): assume the contract
+        return True
+    return any(p.kind is p.VAR_KEYWORD or p.name == "base_url" for p in params)
 
 
 def check_reward(value: Any) -> Reward:
@@ -116,7 +162,10 @@ def _subproc_episode(workflow: Any, data: dict, base_url: str, api_key: str) -> 
     """Runs in a pool worker: one episode at a time, so the env vars are its own."""
     os.environ["OPENAI_BASE_URL"] = base_url
     os.environ["OPENAI_API_KEY"] = api_key
-    result = workflow.run(data, base_url=base_url, api_key=api_key)
+    if takes_extra_kwargs(workflow):
+        result = workflow.run(data, base_url=base_url, api_key=api_key)
+    else:
+        result = workflow.run(data)
     if inspect.isawaitable(result):
         return asyncio.run(_await(result))
     return result

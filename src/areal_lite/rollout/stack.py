@@ -22,8 +22,15 @@ from areal_lite.proxy.app import ProxyServer
 from areal_lite.proxy.chat import ChatDefaults
 from areal_lite.proxy.parsers import detect_tool_parser, template_renders_tools
 from areal_lite.proxy.render import ChatRenderer
+from areal_lite.proxy.rewards import mount_rewards
 from areal_lite.proxy.sessions import Session
-from areal_lite.rollout.agent import LegacyAgent, make_subproc_pool, resolve_workflow
+from areal_lite.proxy.tokens import mount_tokens
+from areal_lite.rollout.agent import (
+    LegacyAgent,
+    make_subproc_pool,
+    resolve_workflow,
+    takes_extra_kwargs,
+)
 from areal_lite.rollout.controller import RolloutController
 from areal_lite.runtime import tune_gc
 from areal_lite.types import Sample
@@ -109,8 +116,10 @@ async def open_rollout(cfg: ExperimentConfig, workflow: Any = None, *,
     from areal_lite.models import load_tokenizer, resolve_model_dir
 
     r = cfg.rollout
-    wf = resolve_workflow(workflow if workflow is not None else cfg.workflow,
-                          r.agent.agent_kwargs)
+    spec = workflow if workflow is not None else cfg.workflow
+    # online mode needs no workflow: its agents live outside (rollout/online.py)
+    wf = None if r.agent.mode == "online" and not spec else resolve_workflow(
+        spec, r.agent.agent_kwargs)
     model_dir = await asyncio.to_thread(resolve_model_dir, cfg.actor.path)
     tokenizer = await asyncio.to_thread(load_tokenizer, model_dir)
     async with contextlib.AsyncExitStack() as stack:
@@ -138,10 +147,13 @@ async def open_rollout(cfg: ExperimentConfig, workflow: Any = None, *,
             max_request_mb=r.proxy.max_request_mb, body_timeout_s=r.proxy.body_timeout_s,
             idle_timeout_s=r.proxy.idle_timeout_s,
             render_offload_chars=r.proxy.render_offload_chars)
+        mount_tokens(proxy)  # token-level agents (rollout/env.py)
+        mount_rewards(proxy)  # run_and_submit_rewards (the older proxy style)
         await stack.enter_async_context(proxy)
         http_client = await stack.enter_async_context(proxy.http_client(timeout=r.episode_timeout_s))
         pool = None
-        if r.agent.mode == "subproc" or isinstance(wf, LegacyAgent):
+        if wf is not None and (r.agent.mode == "subproc" or isinstance(wf, LegacyAgent)
+                               or not takes_extra_kwargs(wf)):
             pool = make_subproc_pool(r.agent.subproc_max_workers)
             stack.callback(functools.partial(pool.shutdown, wait=False, cancel_futures=True))
         controller = RolloutController(proxy, wf, http_client=http_client,
