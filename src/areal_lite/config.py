@@ -184,8 +184,8 @@ class LocalEngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
     prefix_cache_tokens: NonNegInt = 8192  # KV tokens of recent prompts kept for reuse; 0 = off
     fused_forward: bool = True  # Llama-family: decode + prefill in one own pass; false = HF forward
     # CPU, asynchronous RL: the learner gets the other torch threads while it runs, the
-    # engine all of them back after (engine/local/threads.py)
-    engine_threads: Annotated[int, msgspec.Meta(ge=-1)] = 0  # during updates; 0 = 1, -1 = no split
+    # engine all of them back after (engine/local/threads.py); off by default, unmeasured
+    engine_threads: Annotated[int, msgspec.Meta(ge=-1)] = -1  # during updates; -1 = no split, 0 = 1
 
 
 class SGLangConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -11,7 +11,12 @@ stops spinning once pools outnumber cores, so every later op also pays wake-ups.
 step thread gets `engine` threads and the learner `learner = num_cores - engine`;
 `run_learner` sets both (the engine's between two steps, on its own thread) and gives
 the engine every core back when the update ends, so generation alone (synchronous RL,
-or the wait for a batch) is not slowed. A split only makes sense when the two overlap:
+or the wait for a batch) is not slowed. It is off by default (`rollout.local.engine_threads = -1`): when generation is
+much cheaper than the update (2 cores, SmolLM2, 8 x 8 samples: ~28 s vs ~90 s), the
+engine finishes the next batch early in the update and then idles while the learner
+is held to its share, so a split can lengthen the step; measure with
+`benchmarks/vs_trl.py --areal-override rollout.local.engine_threads=0` first.
+A split only makes sense when the two overlap:
 `plan_split` returns None (torch defaults, nothing changed) for synchronous RL, on
 CUDA, or with a single core.
 
