@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "rollout_overhead.py"
 KEYS = {"variant", "agents", "turns", "calls", "requests_per_s", "added_latency_ms_p50",
         "added_latency_ms_p99", "latency_ms_p50", "latency_ms_p99", "cpu_ms_per_call",
@@ -65,3 +67,50 @@ def test_train_step_quick_run():
     assert all(r["tokens_per_s"] > 0 and r["num_samples"] == 8 for r in learner.values())
     [swap] = [r for r in rows if r["measure"] == "weight_swap"]
     assert swap["swap_s"] > 0 and swap["plain_copy_s"] > 0 and swap["bytes"] > 0
+
+
+@pytest.mark.slow
+def test_vs_trl_quick_run():
+    """Both areal-lite modes (and TRL when installed) on the tiny model: one line per side,
+    the proximal forward reported skipped (one update pass), ratios when TRL ran."""
+    proc = subprocess.run([sys.executable, str(BENCH / "vs_trl.py"), "--model", "tiny",
+                           "--steps", "2", "--prompts", "2", "--group", "2",
+                           "--max-new-tokens", "4"], capture_output=True, text=True, timeout=600)
+    rows = {r["side"]: r for r in _json_lines(proc)}
+    assert {"areal_sync", "areal_async", "trl"} <= rows.keys(), rows
+    for side in ("areal_sync", "areal_async"):
+        r = rows[side]
+        assert r["seconds_per_step"] > 0 and len(r["step_s"]) == 2, r
+        assert 0 < r["trained_tokens_per_step"] <= 2 * 2 * 4, r  # at most max_new per sample
+        assert r["prox_forward_skipped"] == 1.0, r
+        assert r["peak_rss_mb"] > 0, r
+    if "skipped" in rows["trl"]:
+        assert "ratio" not in rows
+        return
+    assert 0 < rows["trl"]["trained_tokens_per_step"] <= 2 * 2 * 4, rows["trl"]
+    ratio = rows["ratio"]
+    for side in ("areal_sync", "areal_async"):
+        want = rows[side]["seconds_per_step"] / rows["trl"]["seconds_per_step"]
+        assert ratio[f"{side}_over_trl"] == pytest.approx(want, rel=0.01, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_on_cpu():
+    """The GPU script's CPU mode: every item ends ok, each measure printed its line."""
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--device", "cpu",
+                           "--only", "env,models,engine,learner,swap,rl_step"],
+                          capture_output=True, text=True, timeout=900)
+    rows = _json_lines(proc)
+    ends = {r["item"]: r for r in rows if "ok" in r}
+    assert set(ends) == {"env", "models", "engine", "learner", "swap", "rl_step"}, rows
+    assert all(r["ok"] for r in ends.values()), ends
+    engine = [r for r in rows if r["item"] == "engine_tiny"]
+    assert {r["concurrency"] for r in engine} == {1, 4}, engine
+    assert all(r["engine_tok_s"] > 0 and r["hf_generate_tok_s"] > 0 for r in engine), engine
+    [learner] = [r for r in rows if r["item"] == "learner_tiny"]
+    assert learner["tokens_per_s"] > 0 and learner["loss_finite"], learner
+    [swap] = [r for r in rows if r["item"] == "swap" and "swap_s" in r]
+    assert swap["swap_s"] > 0 and swap["plain_copy_s"] > 0, swap
+    steps = [r for r in rows if r["item"] == "rl_step" and "seconds_per_step" in r]
+    assert {r["max_head_offpolicyness"] for r in steps} == {0, 2}, steps
+    assert all(r["trained_tokens_per_step"] > 0 for r in steps), steps

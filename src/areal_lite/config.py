@@ -198,6 +198,9 @@ class LocalEngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
     max_context_len: NonNegInt = 0  # prompt + output tokens; 0 = the model's own limit
     prefix_cache_tokens: NonNegInt = 8192  # KV tokens of recent prompts kept for reuse; 0 = off
     fused_forward: bool = True  # Llama-family: decode + prefill in one own pass; false = HF forward
+    # CPU, asynchronous RL: the learner gets the other torch threads while it runs, the
+    # engine all of them back after (engine/local/threads.py); off by default, unmeasured
+    engine_threads: Annotated[int, msgspec.Meta(ge=-1)] = -1  # during updates; -1 = no split, 0 = 1
 
 
 class SGLangConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -25,6 +25,7 @@ from typing import Any
 from areal_lite.config import ExperimentConfig, run_path
 from areal_lite.config_toml import config_to_toml, load_config, validate_config
 from areal_lite.data.prompts import PromptStream, load_dataset_rows
+from areal_lite.engine.local.threads import CoreSplit, plan_split, run_learner
 from areal_lite.engine.sglang.weight_group import WeightGroup
 from areal_lite.engine.stats import EngineStats, engine_metrics
 from areal_lite.metrics import MetricsLogger
@@ -66,6 +67,7 @@ class _Run:
     metrics: MetricsLogger
     sync: WeightSync  # (model, version) -> seconds generation was paused
     eval_rows: list[dict]
+    cores: CoreSplit | None  # engine/learner torch threads during updates (CPU, async)
 
 
 class Trainer:
@@ -166,8 +168,12 @@ class Trainer:
                                       consumed=self.step * cfg.rollout.batch_size)
         metrics = exits.enter_context(MetricsLogger(self.run_dir, cfg.metrics, start_step=self.step))
         self._engine_metrics(stack.engine)  # mark the start
+        cores = None if cfg.rollout.backend != "local" else plan_split(
+            cfg.rollout.local.engine_threads,
+            overlapped=cfg.rollout.max_head_offpolicyness > 0, device=learner.device.type)
         return _Run(stack=stack, learner=learner, model=model, prompts=prompts,
-                    producer=producer, metrics=metrics, sync=sync, eval_rows=eval_rows)
+                    producer=producer, metrics=metrics, sync=sync, eval_rows=eval_rows,
+                    cores=cores)
 
     async def _loop(self, run: _Run) -> dict[str, float]:
         """Steps to total_steps, with evals and checkpoints on their schedules."""
@@ -195,7 +201,8 @@ class Trainer:
         groups, start_versions = await run.producer.next_batch()
         t1 = time.perf_counter()
         samples = [self._shape_rewards(g.samples) for g in groups]
-        stats = await asyncio.to_thread(run.learner.train_step, samples, current_version=self.version)
+        stats = await run_learner(run.cores, run.stack.engine, run.learner.train_step, samples,
+                                  current_version=self.version)
         t2 = time.perf_counter()
         paused_s = await run.sync(run.model, self.version + 1)
         self.version += 1

@@ -337,3 +337,21 @@ def test_bf16_compute_dtype_learns_and_keeps_fp32_master_weights(model):
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all(v.dtype == torch.float32 for st_ in learner.optimizer.state.values()
                for v in st_.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+
+
+@pytest.mark.parametrize(("cfg", "skipped"), [
+    (dict(), 1.0),  # one update pass: the update's own forward gives the proximal logprobs
+    (dict(ppo_epochs=2), 0.0),  # a second pass needs them from before the first
+    (dict(num_minibatches=2), 0.0),
+    (dict(ppo_epochs=2, recompute_proximal=False), 1.0),  # behaviour logprobs stand in
+])
+def test_stats_say_whether_a_proximal_forward_ran(model, cfg, skipped, monkeypatch):
+    learner = make_learner(model, lr=1e-4, **cfg)
+    forwards = []
+    real = learner._logprob_tensors
+    monkeypatch.setattr(learner, "_logprob_tensors",
+                        lambda *a, **kw: forwards.append(1) or real(*a, **kw))
+    samples = make_samples([8, 9, 10, 11], [1, 0, 1, 0], version=0)
+    stats = learner.train_step([samples[:2], samples[2:]], current_version=2)
+    assert stats["prox_forward_skipped"] == skipped
+    assert len(forwards) == (0 if skipped else 1)

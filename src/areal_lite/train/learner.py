@@ -394,12 +394,17 @@ class Learner:
     def _batch_stats(self, samples: list[Sample], batch: _Batch | None,
                      current_version: int) -> dict[str, float]:
         if batch is None:
-            return {"num_tokens": 0.0, "adv_mean": 0.0, "staleness": 0.0}
+            return {"num_tokens": 0.0, "adv_mean": 0.0, "staleness": 0.0,
+                    "prox_forward_skipped": 0.0}
         stale = torch.cat([current_version - torch.tensor(s.versions, dtype=torch.float64)[m]
                            for s, m in zip(samples, batch.mask, strict=True)])
         return {"num_tokens": float(sum(int(m.sum()) for m in batch.mask)),
                 "adv_mean": batch.adv.mean().item(),
-                "staleness": stale.mean().item() if len(stale) else 0.0}
+                "staleness": stale.mean().item() if len(stale) else 0.0,
+                # 1 = no proximal forward ran: one update pass, so the weights cannot change
+                # before it and the update's own detached logprobs are the proximal ones
+                # (exact, whatever the version lag), or recompute_proximal = false
+                "prox_forward_skipped": float(batch.prox is None or batch.prox is batch.behav)}
 
     # -- checkpoint state ------------------------------------------------------------
 
