@@ -85,8 +85,10 @@ class ProxyServer:
         self.messages = Messages(self.chat)
         self.responses = Responses(self.chat)
         self.num_errors: dict[int, int] = {}  # HTTP status -> count of error replies
-from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+        self.num_failures: dict[str, int] = {}  # 5xx kind (route, message, type) -> count
+        self._admin_key = self.sessions.admin_key.encode()
+        # path prefix -> handler(req, path): routes other modules add (tokens.py, online.py)
+        self.mounts: dict[str, Callable[[ProxyRequest, str], Awaitable[ProxyResponse]]] = {}
         self._runner: web.AppRunner | None = None
 
     # --- lifecycle -------------------------------------------------------------------

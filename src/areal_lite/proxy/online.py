@@ -60,7 +60,9 @@ class OnlineRoutes:
         proxy.mounts[PREFIX] = self.handle
 
     async def handle(self, req: ProxyRequest, path: str) -> ProxyResponse:
-        self.proxy._require_admin(req)  # before the body is read
+        err = self.proxy.authorize(req)  # from the headers, before the body is read
+        if err is not None:
+            raise err
         parts = path.split("/")  # ["", "admin", "online", "sessions", id?, verb?]
         if req.method == "POST" and parts[3:] == ["sessions"]:
             return await self._start(_object(req, allow_empty=True))

@@ -20,7 +20,8 @@ from dataclasses import replace
 
 from areal_lite.engine.base import EngineError
 from areal_lite.proxy.app import ProxyServer, _json_body
-from areal_lite.proxy.chat import ChatCompletions, _num, engine_api_error
+from areal_lite.proxy.chat import ChatCompletions, engine_api_error
+from areal_lite.proxy.chat_request import _num
 from areal_lite.proxy.http import ApiError, ProxyRequest, ProxyResponse, json_response
 from areal_lite.proxy.sessions import Session
 from areal_lite.types import CompletionNode, GenerateRequest, SamplingParams
@@ -76,7 +77,7 @@ class TokenGenerate:
             session.cache.add(CompletionNode(
                 id=rid, response_id=rid, parent_id=parent_id, prompt_ids=input_ids,
                 output_ids=res.output_ids, logprobs=res.logprobs, versions=res.versions,
-                finish_reason=res.finish_reason))
+                finish_reason=res.finish_reason, max_new_tokens=sampling.max_new_tokens))
         return json_response({"id": rid, "output_ids": res.output_ids, "logprobs": res.logprobs,
                               "versions": res.versions, "finish_reason": res.finish_reason,
                               "parent_id": parent_id})

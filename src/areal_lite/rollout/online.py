@@ -65,6 +65,8 @@ class OnlineProducer:
         self.version = version
         self.num_accepted = consumed  # groups finished with samples (queued or consumed)
         self.num_rejected = 0  # groups whose every episode failed
+        self.num_batches_dropped = 0  # batches dropped for rollout.max_episode_failures_frac: none
+        # here (a runner ends its own episodes; a failed one is already a rejected group)
         self._open: dict[str, _OpenGroup] = {}
         self._ready: list[tuple[GroupResult, int]] = []  # (group, start version)
         self._changed = asyncio.Event()  # replaced by a fresh one on every change (_wake)
