@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from examples.gsm8k.agent import EXAMPLES, MathAgent, build_messages  # noqa: E402
-from examples.wordproblems.agent import PROMPT, RETRY, WordProblemAgent  # noqa: E402
+from examples.wordproblems.agent import HINT, PROMPT, RETRY, WordProblemAgent  # noqa: E402
 from examples.wordproblems.agent import build_messages as word_messages  # noqa: E402
 
 
@@ -111,17 +111,30 @@ def test_main_job_readme_command_runs_the_word_problem_recipe():
 def test_eval_prompt_has_no_worked_example():
     """The first turn of every eval row of the recipe is the question and the plain
     instruction: one user message, no system prompt, no example answer, no digits but
-    the question's own."""
+    the question's own, even with the worked-example hint forced on for training rows."""
     from areal_lite.data.prompts import load_dataset_rows
 
     cfg = load_config(WORD_CPU)
+    agent = WordProblemAgent(**{**cfg.rollout.agent.agent_kwargs, "hint_prob": 1.0})
     assert not re.search(r"\d|=", PROMPT.format(question="")) and not re.search(r"\d|=", RETRY)
     for row in load_dataset_rows(cfg.data.eval, split="eval", seed=cfg.seed):
-        messages = word_messages(row["question"])
+        messages = agent.first_messages(row)
         assert [m["role"] for m in messages] == ["user"], messages
         content = messages[0]["content"]
         assert content.startswith(row["question"]) and "\\boxed{}" in content
         assert re.findall(r"\d+", content) == re.findall(r"\d+", row["question"])
+    train_row = load_dataset_rows("wordproblems:1", split="train", seed=0)[0]
+    hinted = agent.first_messages(train_row)
+    assert [m["role"] for m in hinted] == ["user", "assistant", "user"]
+    assert hinted[1]["content"] == HINT[1] and "\\boxed{9}" in HINT[1]
+
+
+def test_worked_example_is_a_training_problem_in_a_training_phrasing():
+    from areal_lite.data.wordproblems import TRAIN_TEMPLATES, _is_eval_key, problem_key
+
+    template = TRAIN_TEMPLATES["add"][0]
+    assert HINT[0] == template.format(name="Tom", item="apples", a=4, b=5)
+    assert not _is_eval_key(problem_key("add", 4, 5))
 
 
 def _word_cfg(tiny_model_dir, tmp_path, max_tokens: int = 6):

@@ -89,6 +89,7 @@ def test_rows_are_well_formed_and_their_answers_right(splits, split):
     for row in rows:
         (found_split, kind, t, nums), *_ = _parse(row["question"])
         assert row["kind"] == kind and row["template"] == f"{split}/{kind}/{t}"
+        assert row["split"] == found_split == split
         answer = int(gsm8k_final_answer(row["answer"]))
         assert answer == _RESULT[kind](*nums) >= 0, row
         for step in row["answer"].split("\n")[:-1]:  # "x op y = z", all true and >= 0
@@ -137,10 +138,22 @@ def test_dataset_spec_and_bad_arguments():
     ("\\boxed{41}", 0.25),  # another integer: the format reward
     ("\\boxed{forty-two}", 0.0),
     ("42", 0.0),  # no box
-    ("\\boxed{42", 0.0),  # unclosed
+    ("\\boxed{42", 0.0),  # unclosed: unboxed (unboxed_reward is 0 here)
 ])
 def test_integer_reward(text, expected):
     assert integer_reward(text, "6 * 7 = 42\n#### 42", format_reward=0.25) == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("6 * 7 = 42 apples.", 0.5),  # right, unboxed: the last number
+    ("It is 1,042 or 42", 0.5),
+    ("42 or 42.5", 0.0),
+    ("42 is not it, 41", 0.0),
+    ("\\boxed{41} but 42", 0.25),  # a boxed integer decides
+    ("\\boxed{42}", 1.0),
+])
+def test_integer_reward_unboxed(text, expected):
+    assert integer_reward(text, "#### 42", format_reward=0.25, unboxed_reward=0.5) == expected
 
 
 def test_integer_reward_needs_an_integer_reference():

@@ -107,21 +107,25 @@ def math_reward(completion_text: str, reference_answer: str) -> float:
 
 
 _INTEGER = re.compile(r"-?\d+(?:\.0*)?")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _NOISE = re.compile(r"[\s,$]|\\[,!;: $]|\\text\{[^}]*\}")  # spaces, thousands commas, $, units
 
 
-def integer_reward(completion_text: str, reference_answer: str, format_reward: float = 0.0) -> float:
+def integer_reward(completion_text: str, reference_answer: str, format_reward: float = 0.0,
+                   unboxed_reward: float = 0.0) -> float:
     """1.0 if the last \\boxed{} of the completion holds the reference integer ("42",
     "1,234", "42.0"; the reference may be a GSM8K answer "... #### 42"); `format_reward`
-    if it holds some other integer; 0.0 if there is no boxed integer. Pure and fast."""
+    if it holds some other integer; with no boxed integer, `unboxed_reward` if the last
+    number of the text is the reference, else 0.0. Pure and fast."""
     ref = gsm8k_final_answer(reference_answer)
     if not _INTEGER.fullmatch(ref):
         raise ValueError(f"integer_reward needs an integer reference answer, got {reference_answer!r}")
     boxed = extract_boxed(completion_text)
     value = _NOISE.sub("", boxed) if boxed is not None else ""
-    if not _INTEGER.fullmatch(value):
-        return 0.0
-    return 1.0 if int(float(value)) == int(float(ref)) else format_reward
+    if _INTEGER.fullmatch(value):
+        return 1.0 if int(float(value)) == int(float(ref)) else format_reward
+    numbers = _NUMBER.findall(completion_text.replace(",", ""))
+    return unboxed_reward if numbers and float(numbers[-1]) == float(ref) else 0.0
 
 
 # ---------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ The splits are disjoint twice over:
   names, items or wording), so an eval problem never appears in train, however worded.
 
 Rows are GSM8K-shaped: {"question", "answer": "<steps>\\n#### N", "level", "kind",
-"template", "id"}; every worked step and answer is a non-negative integer. The worked
+"template", "split", "id"}; every worked step and answer is a non-negative integer. The worked
 steps are never shown to the policy by the example agent; they are there for readers
 and for recipes that want them.
 """
@@ -218,7 +218,7 @@ def generate_word_problems(
         qid = hashlib.sha1(question.encode()).hexdigest()[:12]
         rows.append({"question": question, "answer": "\n".join(steps) + f"\n#### {result}",
                      "level": level, "kind": kind, "template": f"{split}/{kind}/{t}",
-                     "id": f"wp-{qid}"})
+                     "split": split, "id": f"wp-{qid}"})
     if len(rows) == n:
         return rows
     raise ValueError(
