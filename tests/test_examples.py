@@ -18,7 +18,6 @@ sys.path.insert(0, str(ROOT))
 
 from examples.gsm8k.agent import EXAMPLES, MathAgent, build_messages  # noqa: E402
 from examples.wordproblems.agent import HINT, PROMPT, RETRY, WordProblemAgent  # noqa: E402
-from examples.wordproblems.agent import build_messages as word_messages  # noqa: E402
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").rglob("*.toml")), ids=lambda p: p.name)
