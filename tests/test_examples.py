@@ -136,7 +136,7 @@ def test_worked_example_is_a_training_problem_in_a_training_phrasing():
     assert not _is_eval_key(problem_key("add", 4, 5))
 
 
-def _word_cfg(tiny_model_dir, tmp_path, max_tokens: int = 6):
+def _word_cfg(tiny_model_dir, tmp_path, max_tokens: int = 6, hint_prob: float = 0.0):
     from areal_lite.config_toml import loads_config
 
     return loads_config(f"""
@@ -147,7 +147,7 @@ path = "{tiny_model_dir}"
 device = "cpu"
 [rollout.agent]
 turn_discount = 0.5
-agent_kwargs = {{ max_tokens = {max_tokens}, format_reward = 0.1 }}
+agent_kwargs = {{ max_tokens = {max_tokens}, format_reward = 0.1, hint_prob = {hint_prob} }}
 [rollout.sampling]
 max_new_tokens = {max_tokens}
 """)
@@ -155,20 +155,21 @@ max_new_tokens = {max_tokens}
 
 async def test_word_problem_agent_retries_three_turns_through_the_proxy(tiny_model_dir, tmp_path):
     """The tiny random model never boxes the answer: the agent asks three times, each
-    turn continues the previous one's exact tokens (a chain in the tree), the retry
-    message is in the later prompts, and each completion has its own reward."""
+    turn continues the previous one's exact tokens (a chain in the tree, the worked
+    example of a training row included), the retry message is in the later prompts, and
+    each completion has its own reward."""
     from areal_lite.rollout.stack import open_rollout
 
     row = {"question": "Tom has 3 apples and finds 4 more. How many apples does Tom have now?",
-           "answer": "3 + 4 = 7\n#### 7"}
-    async with open_rollout(_word_cfg(tiny_model_dir, tmp_path)) as stack:
+           "answer": "3 + 4 = 7\n#### 7", "split": "train"}
+    async with open_rollout(_word_cfg(tiny_model_dir, tmp_path, hint_prob=1.0)) as stack:
         ep = await stack.controller.run_episode(row)
         prompts = [stack.tokenizer.decode(s.input_ids[: s.loss_mask.index(1)]) for s in ep.samples]
     assert not ep.failed and ep.num_completions == 3 and len(ep.samples) == 3
     for parent, child in zip(ep.samples, ep.samples[1:]):
         assert child.input_ids[: len(parent.input_ids)] == parent.input_ids
     assert prompts[0].count(RETRY) == 0 and prompts[1].count(RETRY) == 1 and prompts[2].count(RETRY) == 2
-    assert prompts[0].count(row["question"]) == 1
+    assert prompts[0].count(row["question"]) == 1 and prompts[0].count(HINT[1]) == 1
     assert len({s.completion_ids[0] for s in ep.samples}) == 3
     assert all(s.raw_reward == 0.0 for s in ep.samples)
 
