@@ -28,7 +28,7 @@ from areal_lite.data.prompts import PromptStream, load_dataset_rows
 from areal_lite.engine.sglang.weight_group import WeightGroup
 from areal_lite.engine.stats import EngineStats, engine_metrics
 from areal_lite.metrics import MetricsLogger
-from areal_lite.rollout.controller import GroupResult, RolloutController
+from areal_lite.rollout.controller import EpisodeResult, GroupResult, RolloutController
 from areal_lite.rollout.producer import GroupProducer
 from areal_lite.rollout.stack import RolloutStack, open_rollout, resolve_device
 from areal_lite.runtime import limit_malloc_growth, run_async
@@ -272,7 +272,7 @@ def _rollout_metrics(groups: list[GroupResult], controller: RolloutController,
             "cache/prefix_breaks": float(controller.proxy.sessions.num_prefix_breaks)}
 
 
-def _turn_accuracy(episodes: list, solved_reward: float) -> dict[str, float]:
+def _turn_accuracy(episodes: list[EpisodeResult], solved_reward: float) -> dict[str, float]:
     """First-try and solved-within-3 accuracy from each episode's per-turn raw rewards.
 
     An episode's turns are its completions in the order they were made (individual

@@ -100,8 +100,9 @@ def _load_hf(spec: str, split: str) -> list[dict]:
     except ImportError:
         raise ImportError(
             f"dataset {spec!r} is neither 'arithmetic', 'wordproblems', a .jsonl nor a .parquet "
-            f"path, so it is read from the Hugging Face hub, which needs `pip install datasets`; or save the "
-            f"rows to a .jsonl file (one JSON object per line) and pass its path"
+            f"path, so it is read from the Hugging Face hub, which needs `pip install "
+            f"datasets`; or save the rows to a .jsonl file (one JSON object per line) and "
+            f"pass its path"
         ) from None
     try:
         ds = datasets.load_dataset(name, config or None, split=hf_split)
