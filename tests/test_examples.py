@@ -1,8 +1,9 @@
-"""The shipped examples: their configs load, and the GSM8K agent asks and scores as
-documented (through the real proxy, with the tiny model)."""
+"""The shipped examples: their configs load, and the GSM8K and word-problem agents ask
+and score as documented (through the real proxy, with the tiny model)."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from examples.gsm8k.agent import EXAMPLES, MathAgent, build_messages  # noqa: E402
+from examples.wordproblems.agent import HINT, PROMPT, RETRY, WordProblemAgent  # noqa: E402
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").rglob("*.toml")), ids=lambda p: p.name)
@@ -87,3 +89,138 @@ max_new_tokens = 8
         prompt_text = stack.tokenizer.decode(ep.samples[0].input_ids)
     assert not ep.failed and ep.reward in (0.0, 1.0)
     assert len(ep.samples) == 1 and "7 + 8 = 15" in prompt_text and "What is 3 + 4?" in prompt_text
+
+
+# ---------------------------------------------------------------- the word-problem recipe
+
+WORD_CPU = ROOT / "examples/wordproblems/cpu.toml"
+
+
+def test_main_job_readme_command_runs_the_word_problem_recipe():
+    readme = (ROOT / "README.md").read_text()
+    assert "areal-lite train examples/wordproblems/cpu.toml" in readme
+    cfg = load_config(WORD_CPU)
+    assert cfg.workflow == "examples.wordproblems.agent.WordProblemAgent"
+    assert cfg.data.train.startswith("wordproblems") and cfg.data.eval.startswith("wordproblems")
+    assert cfg.rollout.agent.export_style == "individual"  # per-turn eval metrics need it
+    assert 0 < cfg.rollout.agent.turn_discount < 1 and cfg.trainer.eval_solved_reward == 1.0
+    WordProblemAgent(**cfg.rollout.agent.agent_kwargs)  # the kwargs are the agent's
+
+
+def test_eval_prompt_has_no_worked_example():
+    """The first turn of every eval row of the recipe is the question and the plain
+    instruction: one user message, no system prompt, no example answer, no digits but
+    the question's own, even with the worked-example hint forced on for training rows."""
+    from areal_lite.data.prompts import load_dataset_rows
+
+    cfg = load_config(WORD_CPU)
+    agent = WordProblemAgent(**{**cfg.rollout.agent.agent_kwargs, "hint_prob": 1.0})
+    assert not re.search(r"\d|=", PROMPT.format(question="")) and not re.search(r"\d|=", RETRY)
+    for row in load_dataset_rows(cfg.data.eval, split="eval", seed=cfg.seed):
+        messages = agent.first_messages(row)
+        assert [m["role"] for m in messages] == ["user"], messages
+        content = messages[0]["content"]
+        assert content.startswith(row["question"]) and "\\boxed{}" in content
+        assert re.findall(r"\d+", content) == re.findall(r"\d+", row["question"])
+    train_row = load_dataset_rows("wordproblems:1", split="train", seed=0)[0]
+    hinted = agent.first_messages(train_row)
+    assert [m["role"] for m in hinted] == ["user", "assistant", "user"]
+    assert hinted[1]["content"] == HINT[1] and "\\boxed{9}" in HINT[1]
+
+
+def test_worked_example_is_a_training_problem_in_a_training_phrasing():
+    from areal_lite.data.wordproblems import TRAIN_TEMPLATES, _is_eval_key, problem_key
+
+    template = TRAIN_TEMPLATES["add"][0]
+    assert HINT[0] == template.format(name="Tom", item="apples", a=4, b=5)
+    assert not _is_eval_key(problem_key("add", 4, 5))
+
+
+def _word_cfg(tiny_model_dir, tmp_path, max_tokens: int = 6, hint_prob: float = 0.0):
+    from areal_lite.config_toml import loads_config
+
+    return loads_config(f"""
+workflow = "examples.wordproblems.agent.WordProblemAgent"
+run_dir = "{tmp_path}"
+[actor]
+path = "{tiny_model_dir}"
+device = "cpu"
+[rollout.agent]
+turn_discount = 0.5
+agent_kwargs = {{ max_tokens = {max_tokens}, format_reward = 0.1, hint_prob = {hint_prob} }}
+[rollout.sampling]
+max_new_tokens = {max_tokens}
+""")
+
+
+async def test_word_problem_agent_retries_three_turns_through_the_proxy(tiny_model_dir, tmp_path):
+    """The tiny random model never boxes the answer: the agent asks three times, each
+    turn continues the previous one's exact tokens (a chain in the tree, the worked
+    example of a training row included), the retry message is in the later prompts, and
+    each completion has its own reward."""
+    from areal_lite.rollout.stack import open_rollout
+
+    row = {"question": "Tom has 3 apples and finds 4 more. How many apples does Tom have now?",
+           "answer": "3 + 4 = 7\n#### 7", "split": "train"}
+    async with open_rollout(_word_cfg(tiny_model_dir, tmp_path, hint_prob=1.0)) as stack:
+        ep = await stack.controller.run_episode(row)
+        prompts = [stack.tokenizer.decode(s.input_ids[: s.loss_mask.index(1)]) for s in ep.samples]
+    assert not ep.failed and ep.num_completions == 3 and len(ep.samples) == 3
+    for parent, child in zip(ep.samples, ep.samples[1:]):
+        assert child.input_ids[: len(parent.input_ids)] == parent.input_ids
+    assert prompts[0].count(RETRY) == 0 and prompts[1].count(RETRY) == 1 and prompts[2].count(RETRY) == 2
+    assert prompts[0].count(row["question"]) == 1 and prompts[0].count(HINT[1]) == 1
+    assert len({s.completion_ids[0] for s in ep.samples}) == 3
+    assert all(s.raw_reward == 0.0 for s in ep.samples)
+
+
+class _SolvesOnTurn(WordProblemAgent):
+    """The real agent loop, scored by the row: right exactly on turn `solve_on_turn`."""
+
+    def score(self, text, data, turn):
+        return 1.0 if turn + 1 == data["solve_on_turn"] else 0.1
+
+
+async def test_turn_rewards_discount_and_first_try_within_3_metrics(tiny_model_dir, tmp_path):
+    """Per-turn rewards keyed by completion id flow through the turn discount, and the
+    trainer's eval reports first-try and solved-within-3 accuracy from them."""
+    from areal_lite.rollout.stack import open_rollout
+    from areal_lite.trainer import Trainer
+
+    cfg = _word_cfg(tiny_model_dir, tmp_path, max_tokens=3)
+    rows = [{"question": f"q{k}", "answer": "#### 1", "solve_on_turn": k} for k in (1, 2, 2, 4)]
+    async with open_rollout(cfg, _SolvesOnTurn(max_tokens=3)) as stack:
+        ep = await stack.controller.run_episode(rows[1])
+        metrics = await Trainer(cfg)._evaluate(stack.controller, rows)
+    assert [s.raw_reward for s in ep.samples] == [0.1, 1.0]  # stopped once right
+    assert ep.samples[0].reward == pytest.approx(0.1 + 0.5 * 1.0) and ep.samples[1].reward == 1.0
+    assert metrics["eval/first_try"] == 0.25 and metrics["eval/within_3"] == 0.75
+    assert metrics["eval/turns"] == (1 + 2 + 2 + 3) / 4 and metrics["eval/num_failed"] == 0.0
+
+
+@pytest.mark.slow
+def test_async_vs_sync_benchmark_quick_run():
+    """benchmarks/async_vs_sync.py on the tiny model: one step row per (eta, step) with the
+    eval's first-try/within-3 on every eval step, and a summary per eta with its ratio."""
+    import json
+    import subprocess
+
+    script = ROOT / "benchmarks" / "async_vs_sync.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--model", "tiny", "--steps", "2", "--eval-every", "1",
+         "--eval-rows", "2", "--etas", "0,3", "--set", "rollout.batch_size=2",
+         "--set", "rollout.group_size=2", "--set", "rollout.sampling.max_new_tokens=4",
+         "--set", "rollout.agent.agent_kwargs={max_tokens=4}",
+         "--set", "train.compute_dtype=float32"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    steps = [(r["eta"], r["step"]) for r in rows if r["measure"] == "step"]
+    assert steps == [(0, 0), (0, 1), (0, 2), (3, 0), (3, 1), (3, 2)]
+    for r in rows:
+        if r["measure"] == "step":
+            assert r["eval_first_try"] == 0.0 and r["eval_within_3"] == 0.0 and r["wall_s"] > 0
+    runs = {r["eta"]: r for r in rows if r["measure"] == "run"}
+    assert set(runs) == {0, 3} and all(r["steps"] == 2 for r in runs.values())
+    assert runs[3]["wall_ratio_vs_sync"] == pytest.approx(runs[3]["wall_s"] / runs[0]["wall_s"])
+    assert runs[3]["first_try_delta_vs_sync"] == 0.0

@@ -227,6 +227,9 @@ def test_plot_into_other_dir_and_plots_disabled(tmp_path: Path) -> None:
     assert [p.name for p in written] == ["throughput.png", "curves.png"]
     assert_png(tmp_path / "plots" / "throughput.png")
     assert plot_metrics([{"step": 1, "other": 1.0}], tmp_path / "none") == []
+    turns = [{"step": 5, "eval/first_try": 0.2, "eval/within_3": 0.4}]  # overlays alone draw
+    assert [p.name for p in plot_metrics(turns, tmp_path / "turns")] == ["eval_accuracy.png",
+                                                                        "curves.png"]
     with MetricsLogger(tmp_path, quiet(plots=False)) as logger:
         logger.log(1, {"reward/mean": 1.0})
         assert logger.plot() == []

@@ -321,6 +321,7 @@ class TrainerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     save_every: NonNegInt = 5  # steps between checkpoints; 0 = only at the end
     keep_checkpoints: PosInt = 2  # newest checkpoints kept on disk
     max_eval_prompts: NonNegInt = 0  # eval rows used per eval; 0 = all
+    eval_solved_reward: float = 1.0  # a turn whose raw reward is >= this counts as solved (eval/first_try)
 
 
 class ExperimentConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

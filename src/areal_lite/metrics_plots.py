@@ -22,6 +22,11 @@ PLOTS: tuple[tuple[str, str, str], ...] = (
     ("throughput.png", "perf/tokens_per_s", "Throughput (tokens/s)"),
 )
 
+# curves drawn over another plot's axes when logged (the multi-turn recipe's eval)
+OVERLAYS: dict[str, tuple[tuple[str, str], ...]] = {
+    "eval/accuracy": (("eval/first_try", "first try"), ("eval/within_3", "within 3 turns")),
+}
+
 
 def _series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
     """(steps, values) of one metric, leaving out rows without it and non-finite values."""
@@ -35,22 +40,30 @@ def _series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], lis
 
 
 def _draw(ax: Any, rows: Sequence[Mapping[str, Any]], key: str, title: str) -> bool:
-    """Draw one metric's curve on `ax`; False (and a "no data" note) if it has no points."""
-    steps, values = _series(rows, key)
+    """Draw one metric's curve (and its OVERLAYS) on `ax`; False (and a "no data" note)
+    if none has points."""
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.grid(True, alpha=0.3)
-    if not steps:
+    overlays = [(label, *_series(rows, k)) for k, label in OVERLAYS.get(key, ())]
+    overlays = [o for o in overlays if o[1]]
+    steps, values = _series(rows, key)
+    if not steps and not overlays:
         ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes)
         return False
-    if len(steps) < 30:
-        ax.plot(steps, values, marker="o", markersize=3, linewidth=1.2)
-        return True
-    # Many noisy points: draw them faintly and overlay a trailing moving average.
-    window = max(2, len(values) // 20)
-    ax.plot(steps, values, linewidth=1.0, alpha=0.4, label="per step")
-    ax.plot(steps, _moving_average(values, window), linewidth=2.0, label=f"mean of last {window}")
-    ax.legend(loc="best", fontsize="small")
+    if len(steps) >= 30:
+        # Many noisy points: draw them faintly and overlay a trailing moving average.
+        window = max(2, len(values) // 20)
+        ax.plot(steps, values, linewidth=1.0, alpha=0.4, label="per step")
+        ax.plot(steps, _moving_average(values, window), linewidth=2.0,
+                label=f"mean of last {window}")
+    elif steps:
+        ax.plot(steps, values, marker="o", markersize=3, linewidth=1.2,
+                label=key.split("/")[-1] if overlays else None)
+    for label, o_steps, o_values in overlays:
+        ax.plot(o_steps, o_values, marker="o", markersize=3, linewidth=1.2, label=label)
+    if overlays or len(steps) >= 30:
+        ax.legend(loc="best", fontsize="small")
     return True
 
 

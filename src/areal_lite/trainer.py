@@ -29,7 +29,7 @@ from areal_lite.engine.local.threads import CoreSplit, plan_split, run_learner
 from areal_lite.engine.sglang.weight_group import WeightGroup
 from areal_lite.engine.stats import EngineStats, engine_metrics
 from areal_lite.metrics import MetricsLogger
-from areal_lite.rollout.controller import GroupResult, RolloutController
+from areal_lite.rollout.controller import EpisodeResult, GroupResult, RolloutController
 from areal_lite.rollout.online import OnlineProducer
 from areal_lite.rollout.producer import GroupProducer
 from areal_lite.rollout.stack import RolloutStack, open_rollout, resolve_device
@@ -251,6 +251,7 @@ class Trainer:
         episodes = await asyncio.gather(*(controller.run_episode(r, greedy=True) for r in rows))
         rewards = [ep.score if ep.score is not None else 0.0 for ep in episodes]
         return {"eval/accuracy": _mean(rewards), "eval/num_failed": float(sum(e.failed for e in episodes)),
+                **_turn_accuracy(episodes, self.cfg.trainer.eval_solved_reward),
                 "eval/time_s": time.perf_counter() - start}
 
     # --- model, checkpoints ----------------------------------------------------------
@@ -303,6 +304,22 @@ def _rollout_metrics(groups: list[GroupResult], controller: RolloutController,
             "rollout/batches_dropped": float(producer.num_batches_dropped),
             "rollout/completions_per_episode": _mean([ep.num_completions for ep in episodes]),
             "cache/prefix_breaks": float(controller.proxy.sessions.num_prefix_breaks)}
+
+
+def _turn_accuracy(episodes: list[EpisodeResult], solved_reward: float) -> dict[str, float]:
+    """First-try and solved-within-3 accuracy from each episode's per-turn raw rewards.
+
+    An episode's turns are its completions in the order they were made (individual
+    export: one sample each, in insertion order); a turn is solved when its raw reward is
+    >= `solved_reward`, and a failed episode solves nothing. With concat export the
+    per-turn rewards are not in the samples, so nothing is reported.
+    """
+    if any(len(s.completion_ids) != 1 for ep in episodes for s in ep.samples):
+        return {}
+    turns = [[s.raw_reward >= solved_reward for s in ep.samples] for ep in episodes]
+    return {"eval/first_try": _mean([bool(t) and t[0] for t in turns]),
+            "eval/within_3": _mean([any(t[:3]) for t in turns]),
+            "eval/turns": _mean([len(t) for t in turns])}
 
 
 def _last_span(mask: list[int]) -> int:

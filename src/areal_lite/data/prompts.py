@@ -1,9 +1,9 @@
-"""Data stage: dataset rows (generated arithmetic, jsonl, parquet, HF) and the resumable prompt stream.
+"""Data stage: dataset rows (generated sets, jsonl, parquet, HF) and the resumable prompt stream.
 
 Rows are plain dicts handed unchanged to the agent workflow as its `data` argument.
 GSM8K-format rows have `question` and `answer` ("<worked solution> #### N"); the built-in
-generated arithmetic set (`arithmetic.py`) uses the same format plus `level` (1-3) and a
-stable `id`.
+generated sets use the same format plus `level` and a stable `id`: arithmetic
+(`arithmetic.py`) and word problems with held-out eval phrasings (`wordproblems.py`).
 
 `PromptStream` draws rows epoch by epoch in a seeded per-epoch shuffle. Its state
 (`epoch`, `position`, `seed`, plus draws that were handed out but never finished) makes a
@@ -20,6 +20,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from areal_lite.data.arithmetic import _check_split, generate_arithmetic
+from areal_lite.data.wordproblems import (
+    DEFAULT_WORD_PROBLEM_ROWS,
+    generate_word_problems,
+)
 
 __all__ = [
     "DEFAULT_ARITHMETIC_ROWS",
@@ -44,9 +48,9 @@ def gsm8k_final_answer(answer: str) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-def _parse_arithmetic_spec(spec: str, split: str) -> tuple[int, tuple[int, ...]]:
-    """"arithmetic[:<n>][:levels=1,2]" -> (n, levels)."""
-    n, levels = DEFAULT_ARITHMETIC_ROWS[split], (1, 2, 3)
+def _parse_generated_spec(spec: str, n: int, levels: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+    """"<set>[:<n>][:levels=1,2]" -> (n, levels); `n` and `levels` are the defaults."""
+    name = spec.partition(":")[0]
     for part in spec.split(":")[1:]:
         try:
             if part.startswith("levels="):
@@ -55,8 +59,8 @@ def _parse_arithmetic_spec(spec: str, split: str) -> tuple[int, tuple[int, ...]]
                 n = int(part)
         except ValueError:
             raise ValueError(
-                f"bad dataset spec {spec!r}: expected 'arithmetic', 'arithmetic:<n>' or "
-                f"'arithmetic:<n>:levels=1,2'"
+                f"bad dataset spec {spec!r}: expected '{name}', '{name}:<n>' or "
+                f"'{name}:<n>:levels=1,2'"
             ) from None
     return n, levels
 
@@ -95,9 +99,10 @@ def _load_hf(spec: str, split: str) -> list[dict]:
         import datasets
     except ImportError:
         raise ImportError(
-            f"dataset {spec!r} is neither 'arithmetic', a .jsonl nor a .parquet path, so it is "
-            f"read from the Hugging Face hub, which needs `pip install datasets`; or save the "
-            f"rows to a .jsonl file (one JSON object per line) and pass its path"
+            f"dataset {spec!r} is neither 'arithmetic', 'wordproblems', a .jsonl nor a .parquet "
+            f"path, so it is read from the Hugging Face hub, which needs `pip install "
+            f"datasets`; or save the rows to a .jsonl file (one JSON object per line) and "
+            f"pass its path"
         ) from None
     try:
         ds = datasets.load_dataset(name, config or None, split=hf_split)
@@ -115,6 +120,8 @@ def load_dataset_rows(spec: str, *, split: str = "train", seed: int = 0) -> list
 
     - "arithmetic", "arithmetic:<n>", "arithmetic:<n>:levels=1,2": generated (split
       "train" or "eval"/"test"; `seed` picks the sample);
+    - "wordproblems[:<n>][:levels=0,1,2]": generated word problems, the same way (the
+      eval split uses phrasing templates the train split never uses);
     - a path ending in .jsonl or .parquet ("{split}" in the path is replaced by `split`);
     - otherwise a Hugging Face dataset "name[:config]" (e.g. "openai/gsm8k:main"), split
       `split` ("eval" reads the "test" split), when `datasets` is installed and the hub
@@ -122,8 +129,12 @@ def load_dataset_rows(spec: str, *, split: str = "train", seed: int = 0) -> list
     """
     if spec == "arithmetic" or spec.startswith("arithmetic:"):
         split = _check_split(split)
-        n, levels = _parse_arithmetic_spec(spec, split)
+        n, levels = _parse_generated_spec(spec, DEFAULT_ARITHMETIC_ROWS[split], (1, 2, 3))
         return generate_arithmetic(n, seed=seed, levels=levels, split=split)
+    if spec == "wordproblems" or spec.startswith("wordproblems:"):
+        split = _check_split(split)
+        n, levels = _parse_generated_spec(spec, DEFAULT_WORD_PROBLEM_ROWS[split], (0, 1, 2))
+        return generate_word_problems(n, seed=seed, levels=levels, split=split)
     if spec.endswith((".jsonl", ".parquet")):
         path = Path(spec.replace("{split}", split)).expanduser()
         if not path.is_file():

@@ -1,5 +1,8 @@
 """Reward stage: pure reward functions (math-verify on \\boxed{}) and the process pool running them.
 
+`integer_reward` is the cheap exact check for integer answers (the generated sets): it
+runs inline, no pool needed.
+
 Verifiers are untrusted code as far as the run is concerned: sympy can hang on a
 pathological expression and a C extension can crash its process. `RewardPool` runs
 them in worker processes (forkserver or spawn, never fork: the parent has threads)
@@ -25,6 +28,7 @@ import logging
 import math
 import multiprocessing
 import pickle
+import re
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -33,7 +37,7 @@ from typing import Any, Literal
 
 from areal_lite.data.prompts import gsm8k_final_answer
 
-__all__ = ["RewardPool", "extract_boxed", "math_reward"]
+__all__ = ["RewardPool", "extract_boxed", "integer_reward", "math_reward"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +104,28 @@ def math_reward(completion_text: str, reference_answer: str) -> float:
     if not gold or not pred:
         return 0.0
     return 1.0 if verify(gold, pred, timeout_seconds=timeout) else 0.0
+
+
+_INTEGER = re.compile(r"-?\d+(?:\.0*)?")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_NOISE = re.compile(r"[\s,$]|\\[,!;: $]|\\text\{[^}]*\}")  # spaces, thousands commas, $, units
+
+
+def integer_reward(completion_text: str, reference_answer: str, format_reward: float = 0.0,
+                   unboxed_reward: float = 0.0) -> float:
+    """1.0 if the last \\boxed{} of the completion holds the reference integer ("42",
+    "1,234", "42.0"; the reference may be a GSM8K answer "... #### 42"); `format_reward`
+    if it holds some other integer; with no boxed integer, `unboxed_reward` if the last
+    number of the text is the reference, else 0.0. Pure and fast."""
+    ref = gsm8k_final_answer(reference_answer)
+    if not _INTEGER.fullmatch(ref):
+        raise ValueError(f"integer_reward needs an integer reference answer, got {reference_answer!r}")
+    boxed = extract_boxed(completion_text)
+    value = _NOISE.sub("", boxed) if boxed is not None else ""
+    if _INTEGER.fullmatch(value):
+        return 1.0 if int(float(value)) == int(float(ref)) else format_reward
+    numbers = _NUMBER.findall(completion_text.replace(",", ""))
+    return unboxed_reward if numbers and float(numbers[-1]) == float(ref) else 0.0
 
 
 # ---------------------------------------------------------------------------------------

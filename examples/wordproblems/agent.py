@@ -1,0 +1,88 @@
+"""A multi-turn word-problem agent: answer in \\boxed{}, "that is not right, try again", up to 3 turns.
+
+This is what a user writes: a plain OpenAI-SDK loop that knows nothing about areal-lite
+except the reward helper. Each turn's completion gets its own reward, keyed by the
+completion id (`response.id`): 1.0 for the right integer in \\boxed{}, `format_reward` for
+another boxed integer, `unboxed_reward` for the right number left unboxed, 0.0
+otherwise. When a turn is wrong the agent appends the reply
+and a retry message and asks again, so turn k+1 continues turn k's exact tokens and
+becomes its child in the episode's tree; `rollout.agent.turn_discount` then passes part
+of a later turn's reward back to the earlier ones.
+
+The prompt is the plain instruction: no worked example, no system prompt. Training
+only (rows whose `split` is "train"), a share `hint_prob` of the episodes first sees one
+worked example, so that a small model that never boxes its answer unprompted (SmolLM2-135M
+boxes 0 of 30 eval answers) samples some boxed answers to learn from; eval rows never get it.
+"""
+
+from __future__ import annotations
+
+import random
+
+from openai import AsyncOpenAI
+
+from areal_lite.data.rewards import integer_reward
+
+PROMPT = "{question}\nPut the final answer in \\boxed{{}}."
+RETRY = "That is not right, try again. Put the final answer in \\boxed{}."
+# A training-template problem (data/wordproblems.py TRAIN_TEMPLATES["add"][0]) and its answer.
+HINT = ("Tom has 4 apples. Tom finds 5 more apples. How many apples does Tom have now?",
+        "4 + 5 = 9. The answer is \\boxed{9}.")
+
+
+def build_messages(question: str, hint: bool = False) -> list[dict]:
+    """The first turn's chat: one user message, the question and the answer format;
+    with `hint`, after one worked example (a user turn and its answer)."""
+    ask = [{"role": "user", "content": PROMPT.format(question=question)}]
+    if not hint:
+        return ask
+    return [{"role": "user", "content": PROMPT.format(question=HINT[0])},
+            {"role": "assistant", "content": HINT[1]}, *ask]
+
+
+class WordProblemAgent:
+    def __init__(self, model: str = "default", max_tokens: int = 64, temperature: float = 1.0,
+                 max_turns: int = 3, format_reward: float = 0.0, unboxed_reward: float = 0.0,
+                 hint_prob: float = 0.0, seed: int = 0) -> None:
+        if max_turns < 1:
+            raise ValueError(f"agent_kwargs.max_turns must be >= 1, got {max_turns}")
+        if not 0.0 <= format_reward < 1.0:
+            raise ValueError(f"agent_kwargs.format_reward must be in [0, 1), got {format_reward}")
+        if not 0.0 <= unboxed_reward < 1.0:
+            raise ValueError(f"agent_kwargs.unboxed_reward must be in [0, 1), got {unboxed_reward}")
+        if not 0.0 <= hint_prob <= 1.0:
+            raise ValueError(f"agent_kwargs.hint_prob must be in [0, 1], got {hint_prob}")
+        self.model, self.max_tokens, self.temperature = model, max_tokens, temperature
+        self.max_turns, self.format_reward = max_turns, format_reward
+        self.unboxed_reward, self.hint_prob = unboxed_reward, hint_prob
+        self._rng = random.Random(seed)  # which training episodes see the worked example
+
+    async def run(self, data: dict, **kwargs) -> dict[str, float]:
+        client = AsyncOpenAI(base_url=kwargs["base_url"], api_key=kwargs["api_key"],
+                             http_client=kwargs.get("http_client"), max_retries=0)
+        messages = self.first_messages(data)
+        rewards: dict[str, float] = {}  # completion id -> this turn's reward, in turn order
+        for turn in range(self.max_turns):
+            response = await client.chat.completions.create(
+                model=self.model, messages=messages, max_tokens=self.max_tokens,
+                temperature=self.temperature)
+            text = response.choices[0].message.content or ""
+            rewards[response.id] = self.score(text, data, turn)
+            if rewards[response.id] == 1.0:
+                break
+            messages = [*messages, {"role": "assistant", "content": text},
+                        {"role": "user", "content": RETRY}]
+        return rewards
+
+    def first_messages(self, data: dict) -> list[dict]:
+        """The first turn's chat for `data`: the plain question, or (training rows only,
+        with probability `hint_prob`) the question after one worked example."""
+        hint = data.get("split") == "train" and self._rng.random() < self.hint_prob
+        return build_messages(data["question"], hint)
+
+    def score(self, text: str, data: dict, turn: int) -> float:
+        """Turn `turn`'s (0-based) reward: 1.0 right in \\boxed{}, `format_reward` for
+        another boxed integer, `unboxed_reward` for the right number unboxed, else 0.0;
+        only 1.0 ends the episode."""
+        del turn  # every turn is scored alike; the turn discount favours early answers
+        return integer_reward(text, data["answer"], self.format_reward, self.unboxed_reward)
