@@ -125,9 +125,11 @@ def test_two_servers_one_killed_for_15s_the_run_finishes(tiny_model_dir, tmp_pat
 
 @pytest.mark.slow
 def test_a_single_server_killed_for_15s_the_run_waits_and_finishes(tiny_model_dir, tmp_path):
+    # 0.2 s per token: the steps after the first cannot all finish before the kill lands
+    # (with a fast fake, 3 tiny steps could be done by the time step 1 is read)
     steps, manifest, after_kill_s, output = run_and_kill(tmp_path, tiny_model_dir, 1,
-                                                         total_steps=3)
-    assert [r["step"] for r in steps] == [1, 2, 3]
+                                                         total_steps=6, latency_s=0.2)
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
     assert after_kill_s >= DOWN_S  # nothing could run until the server was back
     last = steps[-1]
     assert last["servers/restarts"] == 1 and last["servers/down"] == 0

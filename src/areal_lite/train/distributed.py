@@ -211,6 +211,11 @@ class Leader:
         self.learner, self.dist = learner, d
 
     @property
+    def device(self):
+        """Rank 0's learner device (the rollout side and core planning read it)."""
+        return self.learner.device
+
+    @property
     def step(self) -> int:
         return self.learner.step
 
