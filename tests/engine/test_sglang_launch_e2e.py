@@ -117,7 +117,10 @@ def test_two_servers_one_killed_for_15s_the_run_finishes(tiny_model_dir, tmp_pat
     last = steps[-1]
     assert last["servers/restarts"] == 1 and last["servers/down"] == 0
     assert "is back (restart 1)" in output
-    assert last["servers/affinity_misses"] >= 1  # its sessions moved to the other one
+    # training went on with one server while the other was down (whether a session bound
+    # to the killed server asked again, an affinity miss, depends on timing: the miss
+    # itself is tested in test_sglang_launch.py::test_sessions_move_off_a_dead_server)
+    assert any(r["servers/down"] == 1 for r in steps[1:-1])
     assert "rollout/episodes_total_failed" in last  # failed episodes are counted (if any)
     assert last["servers/aborted_requests"] == 0  # no aborted output was trained on
     assert "exited with code -9; restarting it" in output
