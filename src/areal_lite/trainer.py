@@ -63,7 +63,7 @@ class _Run:
     learner: Learner | Leader  # Leader: rank 0 of scheduler.train_processes FSDP2 ranks
     model: Any  # the learner's torch.nn.Module (fp32 master weights), or its ShardedWeights
     prompts: PromptStream
-    producer: GroupProducer
+    producer: GroupProducer | OnlineProducer  # OnlineProducer: rollout.agent.mode = "online"
     metrics: MetricsLogger
     sync: WeightSync  # (model, version) -> seconds generation was paused
     eval_rows: list[dict]
@@ -156,16 +156,18 @@ class Trainer:
                                batch_size=cfg.rollout.batch_size, seed=cfg.seed)
         eval_rows = self._eval_rows()
         await self._resume(learner, model, prompts, sync)
-        producer = GroupProducer(stack.controller, prompts, batch_size=cfg.rollout.batch_size,
-                                 group_size=cfg.rollout.group_size,
-                                 max_head_offpolicyness=cfg.rollout.max_head_offpolicyness,
-                                 version=lambda: self.version,
-                                 consumed=self.step * cfg.rollout.batch_size,
-                                 max_failures_frac=cfg.rollout.max_episode_failures_frac)
+        producer: GroupProducer | OnlineProducer
         if cfg.rollout.agent.mode == "online":  # episodes come from outside (rollout/online.py)
             producer = OnlineProducer(stack.proxy, cfg.rollout, run_dir=self.run_dir,
                                       version=lambda: self.version,
                                       consumed=self.step * cfg.rollout.batch_size)
+        else:
+            producer = GroupProducer(stack.controller, prompts, batch_size=cfg.rollout.batch_size,
+                                     group_size=cfg.rollout.group_size,
+                                     max_head_offpolicyness=cfg.rollout.max_head_offpolicyness,
+                                     version=lambda: self.version,
+                                     consumed=self.step * cfg.rollout.batch_size,
+                                     max_failures_frac=cfg.rollout.max_episode_failures_frac)
         metrics = exits.enter_context(MetricsLogger(self.run_dir, cfg.metrics, start_step=self.step))
         self._engine_metrics(stack.engine)  # mark the start
         cores = None if cfg.rollout.backend != "local" else plan_split(
@@ -296,7 +298,7 @@ class Trainer:
 
 
 def _rollout_metrics(groups: list[GroupResult], controller: RolloutController,
-                     producer: GroupProducer) -> dict[str, float]:
+                     producer: GroupProducer | OnlineProducer) -> dict[str, float]:
     episodes = [ep for g in groups for ep in g.episodes]
     return {"rollout/episodes_failed": float(sum(ep.failed for ep in episodes)),
             "rollout/episodes_total_failed": float(controller.stats.num_failed),

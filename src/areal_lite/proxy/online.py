@@ -60,9 +60,8 @@ class OnlineRoutes:
         proxy.mounts[PREFIX] = self.handle
 
     async def handle(self, req: ProxyRequest, path: str) -> ProxyResponse:
-        err = self.proxy.authorize(req)  # from the headers, before the body is read
-        if err is not None:
-            raise err
+        # the admin key was checked from the headers by ProxyServer.authorize before any
+        # mount is dispatched (and, over TCP, before the body was read)
         parts = path.split("/")  # ["", "admin", "online", "sessions", id?, verb?]
         if req.method == "POST" and parts[3:] == ["sessions"]:
             return await self._start(_object(req, allow_empty=True))
