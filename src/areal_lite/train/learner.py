@@ -49,6 +49,7 @@ from areal_lite.train.distributed import (
     shard_model,
     token_balanced_split,
 )
+from areal_lite.train.forward import prefix_microbatches, split_causal_lm, trained_logprobs
 from areal_lite.train.logprobs import (
     forward_logits,
     make_microbatches,
@@ -152,6 +153,7 @@ class _StepStats:
         self.tokens = 0.0
         self.grad_norms: list[float] = []
         self.padded = self.real = 0
+        self.shared = 0  # prefix tokens computed once for a micro-batch instead of per row
         self.skipped = 0
 
     def add(self, stats: dict[str, float]) -> None:
@@ -184,6 +186,9 @@ class _StepStats:
         out |= {k: v / max(self.tokens, 1.0) for k, v in self.weighted.items()}
         out["grad_norm"] = sum(self.grad_norms) / updates
         out["padding_frac"] = (self.padded - self.real) / self.padded if self.padded else 0.0
+        # share of the rows' real tokens that a shared-prefix pass computed once, not per row
+        out["prefix_shared_frac"] = self.shared / (self.real + self.shared) \
+            if self.real + self.shared else 0.0
         out["num_updates"] = float(len(self.grad_norms))
         out["num_skipped_updates"] = float(self.skipped)
         return out
@@ -229,6 +234,12 @@ class Learner:
             self.dtype = torch.float32  # FSDP2 gathers parameters in `dtype`: no autocast
         self.pad_token_id = pad_token_id
         self.max_new_tokens = max_new_tokens
+        # (decoder, head) for the shared-prefix, trained-positions-only forward
+        # (train/forward.py); None keeps the plain forward (FSDP2 shards the root module,
+        # whose hooks a split call would bypass; models whose head is not a plain Linear)
+        self._splits: dict[int, tuple | None] = {}
+        self._fast = dist is None and cfg.fast_forward
+        self._share_prefix = not gradient_checkpointing  # checkpointed layers keep no cache
         if gradient_checkpointing:  # transformers >= 5.x renamed it activation checkpointing
             enable = getattr(model, "activation_checkpointing_enable", None)
             if enable is not None:
@@ -256,13 +267,38 @@ class Learner:
         model = self.model if model is None else model
         return [t.tolist() for t in self._logprob_tensors([s.input_ids for s in samples], model)]
 
-    def _logprob_tensors(self, ids: Sequence[Sequence[int]], model) -> list[Tensor]:
+    def _split(self, model) -> tuple | None:
+        if not self._fast:
+            return None
+        if id(model) not in self._splits:
+            self._splits[id(model)] = split_causal_lm(model)
+        return self._splits[id(model)]
+
+    def _logprob_tensors(self, ids: Sequence[Sequence[int]], model,
+                         masks: Sequence[Tensor] | None = None) -> list[Tensor]:
+        """Per-token logprobs of each row under `model`, no gradients; with `masks`, only
+        at the masked positions (0 elsewhere), through the shared-prefix forward."""
         lengths = [len(x) for x in ids]
         out: list[Tensor] = [torch.zeros(0)] * len(ids)
+        split = self._split(model) if masks is not None else None
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad(), self._autocast():
+                if split is not None:
+                    for mb, prefix in prefix_microbatches(
+                            ids, self.cfg.max_tokens_per_microbatch, self.cfg.packing):
+                        rows = [torch.as_tensor(ids[i], dtype=torch.long) for i in mb]
+                        attn = [torch.ones(len(r), dtype=torch.long) for r in rows]
+                        logp, _ = trained_logprobs(
+                            *split, pad_sequence(rows, batch_first=True, padding_value=self.
+                                                 pad_token_id).to(self.device),
+                            pad_sequence(attn, batch_first=True).to(self.device),
+                            pad_sequence([masks[i] for i in mb], batch_first=True).to(
+                                self.device), prefix_len=prefix, entropy=False)
+                        for row, i in enumerate(mb):
+                            out[i] = logp[row, :lengths[i]].cpu()
+                    return out
                 for mb in make_microbatches(lengths, self.cfg.max_tokens_per_microbatch,
                                             self.cfg.packing):
                     rows = [torch.as_tensor(ids[i], dtype=torch.long) for i in mb]
@@ -338,10 +374,10 @@ class Learner:
         elif single_update:
             prox = None  # weights unchanged until the only update: the forward gives them
         else:
-            prox = self._logprob_tensors([s.input_ids for s in samples], self.model)
+            prox = self._logprob_tensors([s.input_ids for s in samples], self.model, masks)
         ref = None
         if self.ref_model is not None and self.algo.kl_coef > 0:
-            ref = self._logprob_tensors([s.input_ids for s in samples], self.ref_model)
+            ref = self._logprob_tensors([s.input_ids for s in samples], self.ref_model, masks)
         return _Batch(ids=ids, mask=masks, behav=behav, adv=adv, prox=prox, ref=ref)
 
     def _update(self, batch: _Batch, rows: list[int], acc: _StepStats) -> None:
@@ -354,15 +390,22 @@ class Learner:
         if self.dist is not None:  # FSDP2 averages gradients over ranks: undo it
             mine, scale = token_balanced_split(lengths, self.dist.world)[self.dist.rank], \
                 float(self.dist.world)
-        mbs = [[mine[k] for k in mb] for mb in make_microbatches(
-            [lengths[j] for j in mine], self.cfg.max_tokens_per_microbatch, self.cfg.packing)]
+        budget = self.cfg.max_tokens_per_microbatch
+        if self._split(self.model) is not None:
+            mbs = [([mine[k] for k in mb], prefix if self._share_prefix else 0)
+                   for mb, prefix in prefix_microbatches(
+                [batch.ids[rows[j]].tolist() for j in mine], budget, self.cfg.packing)]
+        else:
+            mbs = [([mine[k] for k in mb], 0) for mb in make_microbatches(
+                [lengths[j] for j in mine], budget, self.cfg.packing)]
         if self.dist is not None:  # every rank must join every forward/backward
             num = self.dist.all_max(len(mbs)) - len(mbs)
-        for mb in mbs:
-            acc.padded += max(lengths[j] for j in mb) * len(mb)
-            acc.real += sum(lengths[j] for j in mb)
+        for mb, prefix in mbs:
+            acc.padded += prefix + max(lengths[j] - prefix for j in mb) * len(mb)
+            acc.real += prefix + sum(lengths[j] - prefix for j in mb)
+            acc.shared += prefix * (len(mb) - 1)
             acc.add(self._micro_step(_collate(batch, [rows[j] for j in mb], self.device,
-                                              self.pad_token_id), normalizer, scale))
+                                              self.pad_token_id), normalizer, scale, prefix))
         for _ in range(num):  # zero-weight micro-batches on the rank with fewer
             self._micro_step(_collate(batch, rows[:1], self.device, self.pad_token_id),
                              normalizer, 0.0)
@@ -377,13 +420,19 @@ class Learner:
             acc.skipped += 1
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _micro_step(self, mb: _Micro, normalizer: float, scale: float = 1.0
-                    ) -> dict[str, float]:
-        with self._autocast():
-            logits = forward_logits(self.model, mb.ids, mb.attn)
-        logp = token_logprobs(logits, mb.ids)
-        entropy = token_entropy(logits.detach(), mb.mask)
-        del logits
+    def _micro_step(self, mb: _Micro, normalizer: float, scale: float = 1.0,
+                    prefix: int = 0) -> dict[str, float]:
+        split = self._split(self.model)
+        if split is not None:
+            with self._autocast():
+                logp, entropy = trained_logprobs(*split, mb.ids, mb.attn, mb.mask,
+                                                 prefix_len=prefix)
+        else:
+            with self._autocast():
+                logits = forward_logits(self.model, mb.ids, mb.attn)
+            logp = token_logprobs(logits, mb.ids)
+            entropy = token_entropy(logits.detach(), mb.mask)
+            del logits
         prox = mb.prox if mb.prox is not None else logp.detach()
         loss, stats = self._loss_fn(
             logp, prox, mb.behav, token_advantages(mb.adv, mb.mask), mb.mask, cfg=self.algo,
