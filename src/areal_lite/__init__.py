@@ -20,6 +20,7 @@ _HOMES: dict[str, str] = {
     "ContextLengthExceeded": "areal_lite.engine.base",
     "Engine": "areal_lite.engine.base",
     "EngineError": "areal_lite.engine.base",
+    "EngineRejected": "areal_lite.engine.base",
     "EngineStats": "areal_lite.engine.stats",
     "EngineUnavailable": "areal_lite.engine.base",
     "EpisodeResult": "areal_lite.rollout.controller",
@@ -62,6 +63,7 @@ __all__ = [
     "ContextLengthExceeded",
     "Engine",
     "EngineError",
+    "EngineRejected",
     "EngineStats",
     "EngineUnavailable",
     "EpisodeResult",
@@ -123,6 +125,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         ContextLengthExceeded,
         Engine,
         EngineError,
+        EngineRejected,
         EngineUnavailable,
     )
     from areal_lite.engine.local.engine import LocalEngine

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import numpy as np
@@ -168,3 +169,31 @@ async def test_failures_differing_only_in_ids_are_logged_once(fake, tiny_model_d
                 await stack.controller.run_episode({"n": n})
     assert stack.controller.stats.failures == {"exception:RuntimeError": 4}
     assert len([r for r in caplog.records if "failed after" in r.getMessage()]) == 1
+
+
+@pytest.mark.parametrize("mode", ["inline", "subproc"])
+async def test_episodes_running_at_shutdown_are_cancelled_not_failed(tiny_model_dir,
+                                                                     tiny_tokenizer, caplog,
+                                                                     mode):
+    async with FakeSGLangServer(vocab_size=len(tiny_tokenizer), max_context_len=4096,
+                                eos_token_id=tiny_tokenizer.eos_token_id,
+                                latency_s=0.01) as fake:
+        cfg = make_cfg(tiny_model_dir, fake.url, f"rollout.agent.mode={mode}",
+                       "rollout.agent.subproc_max_workers=3",
+                       "rollout.agent.agent_kwargs={turns=1000, max_tokens=4}")
+        caplog.set_level(logging.INFO, logger="areal_lite.rollout.controller")
+        async with open_rollout(cfg, "sample_agents:ChatAgent") as stack:
+            group = asyncio.create_task(stack.controller.run_group({"question": "go"}, 3))
+            # the episodes are under way (all three started, six engine calls made)
+            await fake.state.wait_until(lambda: len(fake.state.generate_bodies) >= 6
+                                        and stack.controller.num_running == 3, 60)
+            group.cancel()  # what the trainer does to its producer when it finishes
+            with pytest.raises(asyncio.CancelledError):
+                await group
+            stats = stack.controller.stats
+            assert not [r for r in caplog.records if "episodes still running" in r.getMessage()]
+    assert stats.num_cancelled == 3 and stats.num_failed == 0 and stats.failures == {}
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    (line,) = [r for r in caplog.records if "still running at shutdown" in r.getMessage()]
+    assert line.levelno == logging.INFO
+    assert line.getMessage() == "3 episodes still running at shutdown were cancelled"

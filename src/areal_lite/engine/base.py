@@ -8,12 +8,16 @@ Exceptions::
     EngineError                  any failure the engine reports
     ├── EngineUnavailable        no server reachable / engine closed  (proxy: 503)
     ├── ContextLengthExceeded    prompt + max_new_tokens too long     (proxy: 400)
+    ├── EngineRejected           the engine refused a value of the    (proxy: 400)
+    │                            request; the client's fault: never
+    │                            retried elsewhere, no server blamed
     └── GenerationAborted        the server aborted the request: its partial output
                                  is not a finished completion (its episode fails)
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Protocol, runtime_checkable
 
@@ -31,6 +35,38 @@ class EngineUnavailable(EngineError):
 
 class ContextLengthExceeded(EngineError):
     """The prompt plus max_new_tokens does not fit the model's context."""
+
+
+_ADDRESS = re.compile(
+    r"[a-zA-Z][a-zA-Z0-9+.-]*://\S+"  # a URL
+    r"|\[[0-9a-fA-F:.]+\](?::\d+)?"  # [IPv6]:port
+    r"|\b[\w.-]+:\d{2,5}\b")  # host:port
+MAX_REJECTION_CHARS = 500  # of the engine's message kept (SGLang may echo the whole prompt)
+
+
+def scrub_addresses(text: str) -> str:
+    """`text` with URLs and host:port pairs replaced by `<engine>` (clients never learn
+    where the engine runs), cut to MAX_REJECTION_CHARS."""
+    text = _ADDRESS.sub("<engine>", text)
+    if len(text) > MAX_REJECTION_CHARS:
+        text = text[:MAX_REJECTION_CHARS] + "..."
+    return text
+
+
+class EngineRejected(EngineError):
+    """The engine refused a value of the request (an out-of-range sampling parameter, a
+    token id outside its vocabulary): the client's fault, so the proxy answers 400 and
+    no other server is tried. `message` is the engine's own, scrubbed of internal
+    addresses (`scrub_addresses`); `server` says which engine refused, for logs only."""
+
+    def __init__(self, message: str, server: str | None = None) -> None:
+        self.message = scrub_addresses(message)
+        self.server = server
+        super().__init__(f"{server} rejected the request: {self.message}" if server
+                         else self.message)
+
+    def __reduce__(self):  # pickles as constructed (exceptions pickle `args` by default)
+        return type(self), (self.message, self.server)
 
 
 class GenerationAborted(EngineError):

@@ -23,6 +23,7 @@ from areal_lite.engine.base import (
     ContextLengthExceeded,
     Engine,
     EngineError,
+    EngineRejected,
     EngineUnavailable,
 )
 from areal_lite.proxy.chat_request import ChatDefaults, ChatRequest, parse_chat_request
@@ -32,7 +33,7 @@ from areal_lite.proxy.http import (
     ProxyResponse,
     json_response,
     sse_event,
-    sse_response,
+    started_sse,
 )
 from areal_lite.proxy.parsers import (
     Delta,
@@ -91,7 +92,7 @@ class ChatCompletions:
         prompt = await self.prepare(session, req)
         rid = "chatcmpl-" + secrets.token_hex(12)
         if req.stream:
-            return sse_response(self._stream(session, req, prompt, rid))
+            return await started_sse(self._stream(session, req, prompt, rid))
         results = await self.generate(session, req, prompt, rid)
         return json_response(self._completion_body(req, prompt, rid, results))
 
@@ -264,17 +265,20 @@ class ChatCompletions:
         states = [ChoiceStream(self, req, prompt) for _ in range(req.n)]
         base = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
                 "model": self.model_name}
-        for i in range(req.n):
-            yield sse_event({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                  "finish_reason": None}]})
-        try:
-            async with aclosing(self.stream_chunks(session, req, prompt, rid)) as chunks:
-                async for i, chunk in chunks:
+        async with aclosing(self.stream_chunks(session, req, prompt, rid)) as chunks:
+            item = await anext(chunks, None)  # a rejection raises here: an error status
+            for i in range(req.n):
+                yield sse_event({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                      "finish_reason": None}]})
+            try:
+                while item is not None:
+                    i, chunk = item
                     for choice in self._delta_choices(req, i, chunk, *states[i].feed(chunk)):
                         yield sse_event({**base, "choices": [choice]})
-        except ApiError as err:
-            yield sse_event({"error": {"message": err.message, "type": err.type, "code": err.code}})
-            return
+                    item = await anext(chunks, None)
+            except ApiError as err:
+                yield sse_event({"error": {"message": err.message, "type": err.type, "code": err.code}})
+                return
         if req.include_usage:
             num_out = sum(s.num_output_tokens for s in states)
             yield sse_event({**base, "choices": [], "usage": _usage(prompt, num_out)})
@@ -362,10 +366,14 @@ def _usage(prompt: Prompt, num_output_tokens: int) -> dict:
 
 def engine_api_error(exc: BaseException) -> ApiError:
     """The client's view of an engine failure: no internal address or id in it (the
-    details go to the proxy's log, grouped by kind: `ProxyServer.dispatch`)."""
+    details of a 5xx go to the proxy's log, grouped by kind: `ProxyServer.dispatch`).
+    A rejection keeps the engine's own (scrubbed) message: it says what to change."""
     if isinstance(exc, ContextLengthExceeded):
         return ApiError(400, "the prompt plus max_tokens does not fit the model's context",
                         code="context_length_exceeded", param="messages")
+    if isinstance(exc, EngineRejected):  # the client's values: its 400, not our failure
+        return ApiError(400, f"the inference engine rejected the request: {exc.message}",
+                        code="rejected_by_engine")
     if isinstance(exc, EngineUnavailable):
         err = ApiError(503, "no inference engine reachable", type="service_unavailable")
     else:

@@ -9,7 +9,7 @@ no HTTP parsing, same event loop) — decision 6, "one hop".
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -53,6 +53,33 @@ def json_response(obj: object, status: int = 200) -> ProxyResponse:
 
 def sse_response(chunks: AsyncIterator[bytes]) -> ProxyResponse:
     return ProxyResponse(status=200, headers=dict(_SSE), stream=chunks)
+
+
+class _Started:
+    """An SSE body whose first event was already produced; closing it closes the body."""
+
+    def __init__(self, first: bytes | None, chunks: AsyncGenerator[bytes]) -> None:
+        self._first, self._chunks = first, chunks
+
+    def __aiter__(self) -> _Started:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return await anext(self._chunks)
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()
+
+
+async def started_sse(chunks: AsyncGenerator[bytes]) -> ProxyResponse:
+    """An SSE reply whose first event is awaited now: whatever fails before it (the
+    engine refusing the request) raises here, so the route still answers with an error
+    status in its API's shape instead of a 200 stream carrying an error event."""
+    first = await anext(chunks, None)
+    return sse_response(_Started(first, chunks))
 
 
 class ApiError(Exception):

@@ -32,7 +32,7 @@ from areal_lite.proxy.chat import (
     ChoiceStream,
     parse_chat_request,
 )
-from areal_lite.proxy.http import ApiError, ProxyResponse, json_response, sse_response
+from areal_lite.proxy.http import ApiError, ProxyResponse, json_response, started_sse
 from areal_lite.proxy.parsers import Delta, ToolCall
 from areal_lite.proxy.render import Prompt
 from areal_lite.proxy.sessions import Session
@@ -232,7 +232,7 @@ class Messages:
         prompt = await self.chat.prepare(session, req)
         rid = "msg_" + secrets.token_hex(12)
         if req.stream:
-            return sse_response(self._stream(session, req, prompt, rid))
+            return await started_sse(self._stream(session, req, prompt, rid))
         (res,) = await self.chat.generate(session, req, prompt, rid)
         return json_response(self._message_body(req, prompt, rid, res))
 
@@ -259,21 +259,22 @@ class Messages:
     async def _stream(self, session: Session, req: ChatRequest, prompt: Prompt,
                       rid: str) -> AsyncIterator[bytes]:
         state, blocks = ChoiceStream(self.chat, req, prompt), _BlockEvents()
-        yield _event("message_start", {"message": {
-            "id": rid, "type": "message", "role": "assistant", "model": self.chat.model_name,
-            "content": [], "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": len(prompt.input_ids), "output_tokens": 0}}})
         last, calls = None, []
-        try:
-            async with aclosing(self.chat.stream_chunks(session, req, prompt, rid)) as chunks:
-                async for _, chunk in chunks:
-                    deltas, calls = state.feed(chunk)
+        async with aclosing(self.chat.stream_chunks(session, req, prompt, rid)) as chunks:
+            item = await anext(chunks, None)  # a rejection raises here: an error status
+            yield _event("message_start", {"message": {
+                "id": rid, "type": "message", "role": "assistant", "model": self.chat.model_name,
+                "content": [], "stop_reason": None, "stop_sequence": None,
+                "usage": {"input_tokens": len(prompt.input_ids), "output_tokens": 0}}})
+            try:
+                while item is not None:
+                    deltas, calls = state.feed(item[1])
                     for event in blocks.deltas(deltas):
                         yield event
-                    last = chunk
-        except ApiError as e:
-            yield _event("error", anthropic_error_body(e))
-            return
+                    last, item = item[1], await anext(chunks, None)
+            except ApiError as e:
+                yield _event("error", anthropic_error_body(e))
+                return
         for event in blocks.finish(calls):
             yield event
         stop_reason, stop_sequence = _stop_reason(last.finish_reason if last else None,

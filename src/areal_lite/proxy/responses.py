@@ -33,7 +33,7 @@ from areal_lite.proxy.chat import (
     ChoiceStream,
     parse_chat_request,
 )
-from areal_lite.proxy.http import ApiError, ProxyResponse, json_response, sse_response
+from areal_lite.proxy.http import ApiError, ProxyResponse, json_response, started_sse
 from areal_lite.proxy.parsers import Delta, ToolCall
 from areal_lite.proxy.render import Prompt
 from areal_lite.proxy.sessions import Session
@@ -228,7 +228,7 @@ class Responses:
         prompt = await self.chat.prepare(session, req)
         rid = _new_id("resp_")
         if req.stream:
-            return sse_response(self._stream(session, req, echo, prompt, rid))
+            return await started_sse(self._stream(session, req, echo, prompt, rid))
         (res,) = await self.chat.generate(session, req, prompt, rid)
         message, _ = self.chat.assistant_message(req, prompt, res)
         status = "incomplete" if res.finish_reason == "length" else "completed"
@@ -257,21 +257,22 @@ class Responses:
     async def _stream(self, session: Session, req: ChatRequest, echo: dict, prompt: Prompt,
                       rid: str) -> AsyncIterator[bytes]:
         state, items = ChoiceStream(self.chat, req, prompt), _ItemEvents()
-        yield items.event("response.created",
-                          response=self._response(req, echo, rid, "in_progress", [], None))
-        yield items.event("response.in_progress",
-                          response=self._response(req, echo, rid, "in_progress", [], None))
         last, calls = None, []
-        try:
-            async with aclosing(self.chat.stream_chunks(session, req, prompt, rid)) as chunks:
-                async for _, chunk in chunks:
-                    deltas, calls = state.feed(chunk)
+        async with aclosing(self.chat.stream_chunks(session, req, prompt, rid)) as chunks:
+            item = await anext(chunks, None)  # a rejection raises here: an error status
+            yield items.event("response.created",
+                              response=self._response(req, echo, rid, "in_progress", [], None))
+            yield items.event("response.in_progress",
+                              response=self._response(req, echo, rid, "in_progress", [], None))
+            try:
+                while item is not None:
+                    deltas, calls = state.feed(item[1])
                     for event in items.deltas(deltas):
                         yield event
-                    last = chunk
-        except ApiError as e:
-            yield items.event("error", code=e.code or e.type, message=e.message, param=e.param)
-            return
+                    last, item = item[1], await anext(chunks, None)
+            except ApiError as e:
+                yield items.event("error", code=e.code or e.type, message=e.message, param=e.param)
+                return
         status = "incomplete" if last is not None and last.finish_reason == "length" else "completed"
         for event in items.finish(calls, status):
             yield event

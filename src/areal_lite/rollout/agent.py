@@ -186,8 +186,10 @@ def make_subproc_pool(max_workers: int) -> ProcessPoolExecutor:
     the user's script, re-imported by the worker as `__mp_main__`, starts training."""
     import multiprocessing as mp
 
-    main = sys.modules.get("__main__")
-    if mp.parent_process() is not None and getattr(main, "__name__", "") == "__mp_main__":
+    # a spawned worker runs the parent's main script as `__mp_main__` while it is still
+    # bootstrapping (`_inheriting`, the flag multiprocessing checks itself), before
+    # `parent_process()` is set and before `__main__` is replaced
+    if getattr(mp.current_process(), "_inheriting", False) and "__mp_main__" in sys.modules:
         raise RuntimeError(f"a subproc agent worker started a training run: {_MAIN_GUARD_HINT}")
     return ProcessPoolExecutor(max_workers=max_workers, mp_context=mp.get_context("spawn"))
 

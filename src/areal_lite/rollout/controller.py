@@ -6,7 +6,9 @@ session's completions, exports them (individual/concat, turn discount) and frees
 session. A failing episode (exception, timeout, bad reward, a request the engine
 aborted) fails alone: it is counted, logged once with its traceback, and its group goes
 on with the others (decision 5). An aborted request fails its episode even when the
-agent caught the error: its partial output is never training data (decision 10).
+agent caught the error: its partial output is never training data (decision 10). An
+episode cancelled by shutdown is no failure: it is counted (`num_cancelled`) and the
+count logged once when the rollout stack closes.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class GroupResult:
 class RolloutStats:
     num_episodes: int = 0
     num_failed: int = 0
+    num_cancelled: int = 0  # episodes still running when the run shut down (not failures)
     failures: dict[str, int] = field(default_factory=dict)  # error kind -> count
     _logged: set = field(default_factory=set)  # failure signatures already logged
 
@@ -107,6 +110,9 @@ class RolloutController:
                              api_key=session.key, http_client=self.http_client, pool=self.pool),
                 self.episode_timeout_s)
             _assign(session, reward)
+        except asyncio.CancelledError:  # shutdown (trainer done, Ctrl-C): not the agent's fault
+            self.stats.num_cancelled += 1
+            raise
         except TimeoutError as e:
             return self._fail(session, "timeout", e)
         except BadReward as e:
@@ -125,6 +131,12 @@ class RolloutController:
         score = reward if isinstance(reward, float) else max(reward.values(), default=None)
         return EpisodeResult(episode_id=session.id, samples=samples, reward=scalar,
                              score=score, num_completions=len(session.cache))
+
+    def log_shutdown(self) -> None:
+        """One line for the episodes that shutdown cancelled (call once, at shutdown)."""
+        if self.stats.num_cancelled:
+            log.info("%d episodes still running at shutdown were cancelled",
+                     self.stats.num_cancelled)
 
     def _fail(self, session: Session, kind: str, exc: BaseException) -> EpisodeResult:
         self.stats.num_failed += 1

@@ -161,6 +161,7 @@ async def open_rollout(cfg: ExperimentConfig, workflow: Any = None, *,
                                        max_concurrent=r.max_concurrent_rollouts, pool=pool,
                                        end_session=(engine.end_session
                                                     if isinstance(engine, SessionAware) else None))
+        stack.callback(controller.log_shutdown)  # after every episode has unwound
         tune_gc()  # GC work per request stays flat (runtime.py)
         yield RolloutStack(engine=engine, proxy=proxy, controller=controller,
                            tokenizer=tokenizer, model_dir=str(model_dir), servers=servers)

@@ -11,8 +11,11 @@ fails (connection error, 5xx, an abort because it is going down) is retried the 
 way, on the same server once and then on others (the session moves), at least
 `max_retries` times and for as long as `outage_timeout_s` after the first failure.
 Any other server-side abort raises `GenerationAborted`: partial output is never a
-finished completion. Each token is tagged with the weight version that sampled it: the
-current version, or while paused the version that was live when the pause began.
+finished completion. A request the server refuses (HTTP 400, or a stream whose first
+event is an error) raises `EngineRejected` or `ContextLengthExceeded` at once: the
+values are the client's, so no other server is tried and none is marked unhealthy.
+Each token is tagged with the weight version that sampled it: the current version, or
+while paused the version that was live when the pause began.
 
 Servers come and go under a supervisor (`fleet.py`): `server_down(url)` takes one out
 of routing and control calls; `server_up(url, current=...)` brings it back, routable
@@ -35,8 +38,8 @@ from areal_lite.engine.sglang.control import SGLangControl
 from areal_lite.engine.sglang.routing import SessionRouter
 from areal_lite.engine.sglang.wire import (
     Segment,
-    error_for_status,
     generate_body,
+    generate_error,
     parse_generate,
     parse_stream_event,
     sse_data,
@@ -314,7 +317,7 @@ class SGLangEngine(SGLangAdmin):
                     raw = await resp.read()
                     if resp.status >= 500:
                         raise _Retryable(f"HTTP {resp.status}: {raw[:300]!r}")
-                    raise error_for_status(resp.status, raw, url)
+                    raise generate_error(resp.status, raw, url)  # never retried
                 if stream:
                     async with aclosing(self._sse_segments(resp, run)) as segments:
                         async for seg in segments:
@@ -342,7 +345,7 @@ class SGLangEngine(SGLangAdmin):
         try:
             async with aclosing(sse_data(resp)) as events:
                 async for data in events:
-                    delta = parse_stream_event(data, num_seen)
+                    delta = parse_stream_event(data, num_seen, server=run.url)
                     num_seen = delta.num_seen
                     self._note(run, delta.segment)
                     if delta.segment.prompt_tokens is not None:

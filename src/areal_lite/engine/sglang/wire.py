@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from areal_lite.engine.base import ContextLengthExceeded, EngineError
+from areal_lite.engine.base import ContextLengthExceeded, EngineError, EngineRejected
 from areal_lite.types import GenerateRequest, SamplingParams
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "error_for_status",
     "error_message",
     "generate_body",
+    "generate_error",
     "parse_generate",
     "parse_stream_event",
     "sampling_body",
@@ -153,12 +154,14 @@ def parse_generate(raw: bytes) -> Segment:
     return _segment(reply, ids, lps)
 
 
-def parse_stream_event(data: bytes, num_seen: int) -> StreamDelta:
+def parse_stream_event(data: bytes, num_seen: int, *, server: str = "SGLang") -> StreamDelta:
     """Decode one SSE `data:` payload, given how many tokens were already taken.
 
     Logprob lists are always cumulative; `output_ids` is cumulative by default and a
     delta with `--incremental-streaming-output`. Either way the new tokens are the
-    logprob entries past `num_seen`.
+    logprob entries past `num_seen`. An error event before any token is SGLang refusing
+    the request (a streamed /generate reports its ValueErrors that way, with HTTP 200):
+    `rejection`; one after tokens is an EngineError.
     """
     try:
         reply = _reply_decoder.decode(data)
@@ -169,7 +172,9 @@ def parse_stream_event(data: bytes, num_seen: int) -> StreamDelta:
             err = None
         if err is None:
             raise EngineError(f"unexpected /generate stream event: {data[:200]!r}") from None
-        raise EngineError(f"SGLang stream error: {error_message(err)}") from None
+        if num_seen == 0:
+            raise rejection(error_message(err), server) from None
+        raise EngineError(f"{server} stream error: {error_message(err)}") from None
     lps = reply.meta_info.output_token_logprobs
     new_lps = lps[num_seen:]
     ids = reply.output_ids
@@ -192,12 +197,33 @@ def error_message(payload: Any) -> str:
     return str(payload)
 
 
-def error_for_status(status: int, raw: bytes, url: str) -> EngineError:
-    """Map a non-retryable HTTP error reply to our exception hierarchy."""
+def _reply_message(raw: bytes) -> str:
     try:
-        msg = error_message(_any_decoder.decode(raw))
+        return error_message(_any_decoder.decode(raw))
     except msgspec.DecodeError:
-        msg = raw.decode(errors="replace")[:500]
+        return raw.decode(errors="replace")[:500]
+
+
+def rejection(msg: str, url: str) -> EngineError:
+    """SGLang refused a value of the request (`msg` is its ValueError or schema message):
+    ContextLengthExceeded when it is about the context, else EngineRejected."""
+    if any(h in msg.lower() for h in _CONTEXT_HINTS):
+        return ContextLengthExceeded(f"{url}: {msg}")
+    return EngineRejected(msg, url)
+
+
+def generate_error(status: int, raw: bytes, url: str) -> EngineError:
+    """Map a non-retryable `/generate` reply: HTTP 400 is SGLang refusing the request
+    (input validation, sampling_params out of range: the client's values), anything
+    else as `error_for_status`."""
+    if status == 400:
+        return rejection(_reply_message(raw), url)
+    return error_for_status(status, raw, url)
+
+
+def error_for_status(status: int, raw: bytes, url: str) -> EngineError:
+    """Map a non-retryable HTTP error reply of any endpoint to our exception hierarchy."""
+    msg = _reply_message(raw)
     if status == 400 and any(h in msg.lower() for h in _CONTEXT_HINTS):
         return ContextLengthExceeded(f"{url}: {msg}")
     if status == 401:

@@ -148,11 +148,15 @@ def parse_generate_items(
         if not p:
             raise BadRequest("input_ids cannot be empty.")
         try:  # min/max run in C; a non-number fails the comparison
-            ok = isinstance(p, list) and min(p) >= 0 and max(p) < vocab_size
+            ok = isinstance(p, list) and min(p) >= 0
+            in_vocab = ok and max(p) < vocab_size
         except TypeError:
             ok = False
         if not ok:
             raise BadRequest(f"input_ids must be token ids in [0, {vocab_size})")
+        if not in_vocab:  # SGLang's TokenizerManager words it so (the check is >=)
+            raise BadRequest(f"The input_ids {p} contains values greater than the vocab "
+                             f"size ({vocab_size}).")
     sps = [validate_sampling(s, vocab_size=vocab_size)
            for s in _per_item(body.get("sampling_params"), len(prompts), "sampling_params")]
     n = sps[0]["n"]

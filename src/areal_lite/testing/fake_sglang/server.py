@@ -1,7 +1,8 @@
 """engine/ fake SGLang server: the HTTP API of `shared/sglang_protocol.md` over aiohttp.
 
 For tests and overhead benchmarks, no GPU: `/generate` (batches, streaming, logprob
-triples, stop rules, context and sampling validation), pause/continue/abort with
+triples, stop rules, context, vocabulary and sampling validation: HTTP 400, or for a
+streamed request an SSE error event, as SGLang does), pause/continue/abort with
 partial results, weight-update, memory, cache, health and info endpoints. The pretend
 model is in `fake_sglang_model.py`, requests in flight in `fake_sglang_state.py`, weight
 updates in `fake_sglang_weights.py` (a gloo weight-update group is joined for real).
@@ -98,10 +99,15 @@ async def _generate(request: web.Request) -> web.StreamResponse:
     body = await _body(request)
     st.generate_bodies.append(body)
     st.last_bodies["/generate"] = body
-    items, batch = parse_generate_items(body, vocab_size=st.model.vocab_size,
-                                        encode=st.encode)
-    for it in items:
-        st.check_context(it)
+    try:
+        items, batch = parse_generate_items(body, vocab_size=st.model.vocab_size,
+                                            encode=st.encode)
+        for it in items:
+            st.check_context(it)
+    except BadRequest as e:  # a streamed request gets its ValueErrors as an SSE event
+        if e.pydantic or not (isinstance(body, dict) and body.get("stream")):
+            raise
+        return await _stream_error(request, e.message)
     if not st.gate_open():  # new requests wait during a pause or a weight update
         await st.wait_until(st.gate_open, None)
     if st.closing:
@@ -127,9 +133,7 @@ def _alive(request: web.Request) -> Callable[[], bool]:
 async def _stream(request: web.Request, st: FakeSGLangState, items: list[Item],
                   lives: list[Live]) -> web.StreamResponse:
     """SSE: one cumulative chunk per token, the last with finish_reason, then [DONE]."""
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                       "Cache-Control": "no-cache"})
-    await resp.prepare(request)
+    resp = await _open_sse(request)
     batch = len(items) > 1
     try:
         for item, live in zip(items, lives):  # batch items one after another
@@ -148,6 +152,22 @@ async def _stream(request: web.Request, st: FakeSGLangState, items: list[Item],
     except ConnectionResetError:  # client went away: the request is over
         for live in lives:
             live.abort_message = "client disconnected"
+    return resp
+
+
+async def _open_sse(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                       "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    return resp
+
+
+async def _stream_error(request: web.Request, message: str) -> web.StreamResponse:
+    """SGLang's streamed ValueError: HTTP 200, one `{"error": ...}` event, `[DONE]`."""
+    resp = await _open_sse(request)
+    await resp.write(b"data: " + _enc.encode({"error": {"message": message}}) + b"\n\n")
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
     return resp
 
 
