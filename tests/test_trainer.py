@@ -44,6 +44,23 @@ async def test_two_steps_train_and_swap(tiny_model_dir, tmp_path, eta):
     assert model.config.num_hidden_layers == 2
 
 
+async def test_tree_export_trains_a_multi_turn_agent(tiny_model_dir, tmp_path):
+    """A 3-turn agent with per-turn rewards, exported as `tree`: one sample per episode
+    (its chain of turns), trained in one step, and eval still reports per-turn accuracy."""
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, "workflow=sample_agents.TurnRewardAgent",
+                   "rollout.agent.export_style=tree", "rollout.agent.turn_discount=0.5",
+                   "trainer.total_steps=1", "trainer.eval_every=1", "trainer.save_every=0",
+                   "trainer.eval_solved_reward=0.5", "algorithm.overlong_buffer_len=2")
+    trainer = Trainer(cfg)
+    last = await trainer.atrain()
+    assert trainer.step == 1 and trainer.version == 1
+    assert last["train/num_samples"] == 2 * 3  # batch x group episodes, one leaf each
+    assert last["train/num_tokens"] > 0 and last["train/grad_norm"] > 0
+    assert last["rollout/completions_per_episode"] == 3.0
+    assert 0 <= last["eval/first_try"] <= last["eval/within_3"] <= 1
+    assert last["eval/turns"] == 3.0
+
+
 async def test_kill_and_resume_never_repeats_or_skips_a_prompt(tiny_model_dir, tmp_path, monkeypatch):
     """Stop after 2 steps (with groups still running), restart to 5: no prompt cursor is
     trained twice, every cursor below the last one trained was trained or is recorded as
