@@ -61,6 +61,22 @@ async def test_tree_export_trains_a_multi_turn_agent(tiny_model_dir, tmp_path):
     assert last["eval/turns"] == 3.0
 
 
+def test_overlong_penalty_applies_per_span_of_a_tree_sample(tiny_model_dir, tmp_path):
+    """Each turn of a tree sample is penalized by its own length and request limit, as
+    its individual sample would be; the sample's (leaf) reward gets the leaf's."""
+    from areal_lite.types import Sample, Span
+
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, "algorithm.overlong_buffer_len=2")
+    spans = [Span(start=1, end=3, reward=1.0, raw_reward=1.0, completion_id="a",
+                  max_new_tokens=2),  # 2 of 2 tokens: full penalty
+             Span(start=5, end=8, reward=0.5, raw_reward=0.5, completion_id="b")]  # 3 of 6
+    sample = Sample(input_ids=list(range(8)), loss_mask=[0, 1, 1, 0, 0, 1, 1, 1],
+                    logprobs=[0.0] * 8, versions=[0] * 8, reward=0.5, raw_reward=0.5,
+                    spans=spans)
+    [shaped] = Trainer(cfg)._shape_rewards([sample])
+    assert [sp.reward for sp in shaped.spans] == [0.0, 0.5] and shaped.reward == 0.5
+
+
 async def test_kill_and_resume_never_repeats_or_skips_a_prompt(tiny_model_dir, tmp_path, monkeypatch):
     """Stop after 2 steps (with groups still running), restart to 5: no prompt cursor is
     trained twice, every cursor below the last one trained was trained or is recorded as
