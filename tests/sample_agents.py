@@ -30,6 +30,24 @@ class ChatAgent:
         return float(self.turns)
 
 
+class TurnRewardAgent:
+    """3 turns, each continuing the last; each turn's reward (keyed by completion id)
+    depends on its reply, so turns and groups differ (for multi-turn RL tests)."""
+
+    async def run(self, data, **kwargs):
+        client = _client(kwargs)
+        messages = [{"role": "user", "content": data["question"]}]
+        rewards = {}
+        for _ in range(3):
+            resp = await client.chat.completions.create(
+                model="default", messages=messages, max_tokens=6)
+            text = resp.choices[0].message.content or ""
+            rewards[resp.id] = (len(text) % 3) / 2
+            messages += [{"role": "assistant", "content": text},
+                         {"role": "user", "content": "try again"}]
+        return rewards
+
+
 class DictRewardAgent:
     """Two calls; rewards keyed by completion id."""
 

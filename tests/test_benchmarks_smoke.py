@@ -114,3 +114,15 @@ def test_gpu_check_runs_on_cpu():
     steps = [r for r in rows if r["item"] == "rl_step" and "seconds_per_step" in r]
     assert {r["max_head_offpolicyness"] for r in steps} == {0, 2}, steps
     assert all(r["trained_tokens_per_step"] > 0 for r in steps), steps
+
+
+@pytest.mark.slow
+def test_export_tokens_quick_run():
+    """Word-problem episodes on the tiny model: the tree export feeds the learner fewer
+    tokens than individual would, with the same loss tokens (a 3-turn chain, > 1.5x)."""
+    proc = subprocess.run([sys.executable, str(BENCH / "export_tokens.py"), "--model", "tiny",
+                           "--episodes", "2"], capture_output=True, text=True, timeout=300)
+    [row] = _json_lines(proc)
+    assert row["episodes"] == 2 and row["completions_per_episode"] == 3.0
+    assert row["loss_tokens"] < row["tree_tokens"] < row["individual_tokens"]
+    assert row["ratio_individual_vs_tree"] > 1.5

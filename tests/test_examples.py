@@ -102,7 +102,7 @@ def test_main_job_readme_command_runs_the_word_problem_recipe():
     cfg = load_config(WORD_CPU)
     assert cfg.workflow == "examples.wordproblems.agent.WordProblemAgent"
     assert cfg.data.train.startswith("wordproblems") and cfg.data.eval.startswith("wordproblems")
-    assert cfg.rollout.agent.export_style == "individual"  # per-turn eval metrics need it
+    assert cfg.rollout.agent.export_style == "tree"  # per-turn rewards, each prefix once
     assert 0 < cfg.rollout.agent.turn_discount < 1 and cfg.trainer.eval_solved_reward == 1.0
     WordProblemAgent(**cfg.rollout.agent.agent_kwargs)  # the kwargs are the agent's
 
@@ -136,7 +136,8 @@ def test_worked_example_is_a_training_problem_in_a_training_phrasing():
     assert not _is_eval_key(problem_key("add", 4, 5))
 
 
-def _word_cfg(tiny_model_dir, tmp_path, max_tokens: int = 6, hint_prob: float = 0.0):
+def _word_cfg(tiny_model_dir, tmp_path, max_tokens: int = 6, hint_prob: float = 0.0,
+              style: str = "individual"):
     from areal_lite.config_toml import loads_config
 
     return loads_config(f"""
@@ -147,6 +148,7 @@ path = "{tiny_model_dir}"
 device = "cpu"
 [rollout.agent]
 turn_discount = 0.5
+export_style = "{style}"
 agent_kwargs = {{ max_tokens = {max_tokens}, format_reward = 0.1, hint_prob = {hint_prob} }}
 [rollout.sampling]
 max_new_tokens = {max_tokens}
@@ -181,19 +183,24 @@ class _SolvesOnTurn(WordProblemAgent):
         return 1.0 if turn + 1 == data["solve_on_turn"] else 0.1
 
 
-async def test_turn_rewards_discount_and_first_try_within_3_metrics(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("style", ["individual", "tree"])
+async def test_turn_rewards_discount_and_first_try_within_3_metrics(tiny_model_dir, tmp_path,
+                                                                    style):
     """Per-turn rewards keyed by completion id flow through the turn discount, and the
-    trainer's eval reports first-try and solved-within-3 accuracy from them."""
+    trainer's eval reports first-try and solved-within-3 accuracy from them (a sample per
+    turn, or the spans of the episode's one tree sample)."""
     from areal_lite.rollout.stack import open_rollout
     from areal_lite.trainer import Trainer
 
-    cfg = _word_cfg(tiny_model_dir, tmp_path, max_tokens=3)
+    cfg = _word_cfg(tiny_model_dir, tmp_path, max_tokens=3, style=style)
     rows = [{"question": f"q{k}", "answer": "#### 1", "solve_on_turn": k} for k in (1, 2, 2, 4)]
     async with open_rollout(cfg, _SolvesOnTurn(max_tokens=3)) as stack:
         ep = await stack.controller.run_episode(rows[1])
         metrics = await Trainer(cfg)._evaluate(stack.controller, rows)
-    assert [s.raw_reward for s in ep.samples] == [0.1, 1.0]  # stopped once right
-    assert ep.samples[0].reward == pytest.approx(0.1 + 0.5 * 1.0) and ep.samples[1].reward == 1.0
+    turns = ep.samples if style == "individual" else ep.samples[0].spans
+    assert len(ep.samples) == (2 if style == "individual" else 1)
+    assert [s.raw_reward for s in turns] == [0.1, 1.0]  # stopped once right
+    assert turns[0].reward == pytest.approx(0.1 + 0.5 * 1.0) and turns[1].reward == 1.0
     assert metrics["eval/first_try"] == 0.25 and metrics["eval/within_3"] == 0.75
     assert metrics["eval/turns"] == (1 + 2 + 2 + 3) / 4 and metrics["eval/num_failed"] == 0.0
 

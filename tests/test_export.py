@@ -1,10 +1,11 @@
-"""Tests for episode export: `individual` and `concat` samples from an interaction tree."""
+"""Tests for episode export: `individual`, `concat` and `tree` samples from an interaction tree."""
 
 from __future__ import annotations
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from msgspec.structs import replace
 from strategies import caches
 
 from areal_lite.cache import InteractionCache
@@ -13,8 +14,9 @@ from areal_lite.export import (
     export_concat,
     export_episode,
     export_individual,
+    export_tree,
 )
-from areal_lite.types import CompletionNode, Sample
+from areal_lite.types import CompletionNode, Sample, Span
 
 FAST = settings(max_examples=100, deadline=None)
 
@@ -83,9 +85,25 @@ def test_concat_by_hand(shared_once):
     assert (z.input_ids, z.loss_mask, z.completion_ids) == ([0, 1], [0, 1], ["z"])
 
 
+@pytest.mark.parametrize("shared_once", [True, False])
+def test_tree_by_hand(shared_once):
+    """concat's samples, with each trained completion's own discounted reward as a span."""
+    a, b, z = export_tree(two_turn_cache(), gamma=0.5, agg="max", episode_id="ep",
+                          train_shared_once=shared_once)
+    concat = export_concat(two_turn_cache(), gamma=0.5, agg="max", episode_id="ep",
+                           train_shared_once=shared_once)
+    for tree, flat in zip((a, b, z), concat, strict=True):
+        assert replace(tree, spans=[]) == flat
+    root = Span(start=2, end=4, reward=0.5 + 0.5 * 1.0, raw_reward=0.5, completion_id="r")
+    assert a.spans == [root, Span(start=5, end=6, reward=1.0, raw_reward=1.0, completion_id="a")]
+    leaf_b = Span(start=6, end=8, reward=0.0, raw_reward=0.0, completion_id="b")
+    assert b.spans == ([root, leaf_b] if not shared_once else [leaf_b])
+    assert z.spans == [Span(start=1, end=2, reward=0.0, raw_reward=0.0, completion_id="z")]
+
+
 def test_export_episode_dispatch_and_errors():
     cache = two_turn_cache()
-    assert sorted(EXPORTERS) == ["concat", "individual"]
+    assert sorted(EXPORTERS) == ["concat", "individual", "tree"]
     for style, fn in EXPORTERS.items():
         assert export_episode(cache, style=style, gamma=0.9, agg="max", episode_id="e",
                               train_shared_once=False) == fn(
@@ -96,6 +114,7 @@ def test_export_episode_dispatch_and_errors():
         export_episode(cache, style="concat", gamma=1.0, agg="sum")
     assert export_concat(InteractionCache(), gamma=1.0) == []
     assert export_individual(InteractionCache(), gamma=1.0) == []
+    assert export_tree(InteractionCache(), gamma=1.0) == []
 
 
 # ---- properties ------------------------------------------------------------------------
@@ -166,3 +185,36 @@ def test_concat_trains_each_completion_exactly_once(cache):
         assert times_trained[n.id] == (1 if n.output_ids else 0), n.id
     total = sum(sum(s.loss_mask) for s in concat)
     assert total == sum(len(n.output_ids) for n in cache.nodes)
+
+
+@FAST
+@given(caches(), st.floats(0, 1), st.sampled_from(["mean", "max"]))
+def test_tree_trains_every_sampled_token_once_with_its_completions_reward(cache, gamma, agg):
+    """Each completion is exactly one span (one advantage unit, as in `individual`): its
+    tokens are trained once, in the first leaf's sample that contains it, and carry its
+    own discounted and raw reward; the spans cover exactly the trained tokens."""
+    tree = export_tree(cache, gamma=gamma, agg=agg, episode_id="ep")
+    concat = export_concat(cache, gamma=gamma, agg=agg, episode_id="ep")
+    individual = {s.completion_ids[0]: s for s in
+                  export_individual(cache, gamma=gamma, agg=agg, episode_id="ep")}
+    assert [replace(s, spans=[]) for s in tree] == concat
+    seen: dict[str, int] = {}
+    for idx, sample in enumerate(tree):
+        check_shapes(sample)
+        covered = [0] * len(sample.input_ids)
+        path = {n.id: n for n in cache.path(sample.completion_ids[-1])}
+        for sp in sample.spans:
+            node, ind = path[sp.completion_id], individual[sp.completion_id]
+            assert range(sp.start, sp.end) == span(node)
+            assert (sp.reward, sp.raw_reward) == (ind.reward, ind.raw_reward)
+            assert sample.logprobs[sp.start:sp.end] == node.logprobs
+            assert sp.completion_id not in seen
+            seen[sp.completion_id] = idx
+            for i in range(sp.start, sp.end):
+                covered[i] += 1
+        assert covered == sample.loss_mask  # trained exactly where a span is, once
+        assert [sp.completion_id for sp in sample.spans] == [
+            nid for nid in sample.completion_ids if nid in {sp.completion_id for sp in sample.spans}]
+    assert sorted(seen) == sorted(n.id for n in cache.nodes)  # one unit per completion
+    for nid, idx in seen.items():  # in the first leaf whose path holds it
+        assert idx == min(k for k, s in enumerate(tree) if nid in s.completion_ids)

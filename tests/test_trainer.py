@@ -44,6 +44,39 @@ async def test_two_steps_train_and_swap(tiny_model_dir, tmp_path, eta):
     assert model.config.num_hidden_layers == 2
 
 
+async def test_tree_export_trains_a_multi_turn_agent(tiny_model_dir, tmp_path):
+    """A 3-turn agent with per-turn rewards, exported as `tree`: one sample per episode
+    (its chain of turns), trained in one step, and eval still reports per-turn accuracy."""
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, "workflow=sample_agents.TurnRewardAgent",
+                   "rollout.agent.export_style=tree", "rollout.agent.turn_discount=0.5",
+                   "trainer.total_steps=1", "trainer.eval_every=1", "trainer.save_every=0",
+                   "trainer.eval_solved_reward=0.5", "algorithm.overlong_buffer_len=2")
+    trainer = Trainer(cfg)
+    last = await trainer.atrain()
+    assert trainer.step == 1 and trainer.version == 1
+    assert last["train/num_samples"] == 2 * 3  # batch x group episodes, one leaf each
+    assert last["train/num_tokens"] > 0 and last["train/grad_norm"] > 0
+    assert last["rollout/completions_per_episode"] == 3.0
+    assert 0 <= last["eval/first_try"] <= last["eval/within_3"] <= 1
+    assert last["eval/turns"] == 3.0
+
+
+def test_overlong_penalty_applies_per_span_of_a_tree_sample(tiny_model_dir, tmp_path):
+    """Each turn of a tree sample is penalized by its own length and request limit, as
+    its individual sample would be; the sample's (leaf) reward gets the leaf's."""
+    from areal_lite.types import Sample, Span
+
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, "algorithm.overlong_buffer_len=2")
+    spans = [Span(start=1, end=3, reward=1.0, raw_reward=1.0, completion_id="a",
+                  max_new_tokens=2),  # 2 of 2 tokens: full penalty
+             Span(start=5, end=8, reward=0.5, raw_reward=0.5, completion_id="b")]  # 3 of 6
+    sample = Sample(input_ids=list(range(8)), loss_mask=[0, 1, 1, 0, 0, 1, 1, 1],
+                    logprobs=[0.0] * 8, versions=[0] * 8, reward=0.5, raw_reward=0.5,
+                    spans=spans)
+    [shaped] = Trainer(cfg)._shape_rewards([sample])
+    assert [sp.reward for sp in shaped.spans] == [0.0, 0.5] and shaped.reward == 0.5
+
+
 async def test_kill_and_resume_never_repeats_or_skips_a_prompt(tiny_model_dir, tmp_path, monkeypatch):
     """Stop after 2 steps (with groups still running), restart to 5: no prompt cursor is
     trained twice, every cursor below the last one trained was trained or is recorded as

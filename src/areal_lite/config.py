@@ -148,8 +148,10 @@ class AgentConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     mode: Literal["inline", "subproc", "online"] = "inline"  # rollout loop, process pool, outside
     turn_discount: Fraction = 1.0  # reward multiplier per turn walked back along the tree
     discount_agg: Literal["mean", "max"] = "mean"  # how a parent combines its children's rewards
-    export_style: Literal["individual", "concat"] = "individual"  # 1 sample/completion or /leaf
-    train_shared_once: bool = True  # concat: a prefix shared by leaves is trained once
+    # tree: concat's samples, but each completion's span keeps its own reward (individual's
+    # advantages, each prefix computed once: fewer training tokens for multi-turn agents)
+    export_style: Literal["individual", "concat", "tree"] = "individual"  # 1 sample/completion, /leaf, /leaf + per-span rewards
+    train_shared_once: bool = True  # concat/tree: a prefix shared by leaves is trained once
     subproc_max_workers: PosInt = 4  # processes in the pool when mode = "subproc"
     agent_kwargs: dict[str, Any] = {}  # extra kwargs for the workflow constructor (a class)
     online_session_timeout_s: PosFloat = 600.0  # online: a session not ended by then is freed, s

@@ -1,6 +1,6 @@
 """Export: cache -> **export** -> algorithms. Turns an episode's tree into training samples.
 
-Two styles (DESIGN.md decision 4), chosen once by `rollout.agent.export_style`:
+Three styles (DESIGN.md decision 4), chosen once by `rollout.agent.export_style`:
 
 - `individual`: one sample per completion, `prompt + output`, trained on the output.
   Its reward is the completion's discounted reward R(node).
@@ -9,6 +9,13 @@ Two styles (DESIGN.md decision 4), chosen once by `rollout.agent.export_style`:
   policy sampled along the path. Its reward is R(leaf). A completion shared by several
   leaves is trained once — its loss mask is set only in the first leaf's sample that
   contains it — unless `train_shared_once=False`.
+- `tree`: the samples of `concat` (one per leaf, each completion trained once), but
+  every trained completion keeps its own reward: `Sample.spans` lists, in path order,
+  each trained completion's token range with R(node) and its raw reward, exactly the
+  rewards `individual` gives. The learner makes each span one advantage unit, so every
+  token gets the advantage it would get as an individual sample, while each prefix is
+  fed to the model once instead of once per later turn (a 3-turn chain: 1 sequence
+  instead of 3). `Sample.reward` is R(leaf), as in `concat`.
 
 Positions that were not sampled get loss_mask 0, logprob 0.0 and version -1. In
 `concat`, a shared span whose mask was cleared keeps its logprobs and versions (they
@@ -22,9 +29,16 @@ from __future__ import annotations
 from typing import Protocol
 
 from areal_lite.cache import InteractionCache
-from areal_lite.types import CompletionNode, Sample
+from areal_lite.types import CompletionNode, Sample, Span
 
-__all__ = ["EXPORTERS", "Exporter", "export_concat", "export_episode", "export_individual"]
+__all__ = [
+    "EXPORTERS",
+    "Exporter",
+    "export_concat",
+    "export_episode",
+    "export_individual",
+    "export_tree",
+]
 
 
 def _individual_sample(
@@ -67,9 +81,10 @@ def export_individual(
 
 def _concat_sample(
     path: list[CompletionNode], trained: set[str] | None, reward: float, raw_reward: float,
-    episode_id: str,
+    episode_id: str, spans: list[CompletionNode] | None = None,
 ) -> Sample:
-    """One path's sample; `trained` (when given) holds ids already trained, and grows."""
+    """One path's sample; `trained` (when given) holds ids already trained, and grows.
+    `spans` (when given) receives the path's nodes whose tokens this sample trains."""
     leaf = path[-1]
     input_ids = leaf.prompt_ids + leaf.output_ids
     size = len(input_ids)
@@ -82,6 +97,8 @@ def _concat_sample(
             loss_mask[start:end] = [1] * (end - start)
             if trained is not None:
                 trained.add(node.id)
+            if spans is not None:
+                spans.append(node)
     return Sample(
         input_ids=input_ids,
         loss_mask=loss_mask,
@@ -115,6 +132,35 @@ def export_concat(
     return samples
 
 
+def export_tree(
+    cache: InteractionCache,
+    *,
+    gamma: float,
+    agg: str = "mean",
+    episode_id: str = "",
+    train_shared_once: bool = True,
+) -> list[Sample]:
+    """`concat` samples whose `spans` keep each trained completion's own reward.
+
+    With `train_shared_once=False` a shared completion is trained (and is a span, so an
+    advantage unit) in every leaf's sample that contains it.
+    """
+    returns = cache.discounted_rewards(gamma, agg)
+    trained: set[str] | None = set() if train_shared_once else None
+    samples = []
+    for leaf in cache.leaves():
+        nodes: list[CompletionNode] = []
+        sample = _concat_sample(cache.path(leaf.id), trained, returns[leaf.id],
+                                cache.raw_reward(leaf.id) or 0.0, episode_id, nodes)
+        sample.spans = [
+            Span(start=len(n.prompt_ids), end=len(n.prompt_ids) + len(n.output_ids),
+                 reward=returns[n.id], raw_reward=cache.raw_reward(n.id) or 0.0,
+                 completion_id=n.id, max_new_tokens=n.max_new_tokens)
+            for n in nodes]
+        samples.append(sample)
+    return samples
+
+
 class Exporter(Protocol):
     """What every entry of `EXPORTERS` is: an episode's cache in, its samples out."""
 
@@ -127,6 +173,7 @@ class Exporter(Protocol):
 EXPORTERS: dict[str, Exporter] = {
     "individual": export_individual,
     "concat": export_concat,
+    "tree": export_tree,
 }
 
 
@@ -139,7 +186,7 @@ def export_episode(
     episode_id: str = "",
     train_shared_once: bool = True,
 ) -> list[Sample]:
-    """Export one episode in the named style (`individual` or `concat`)."""
+    """Export one episode in the named style (`individual`, `concat` or `tree`)."""
     if style not in EXPORTERS:
         raise ValueError(
             f"rollout.agent.export_style must be one of {sorted(EXPORTERS)}, got {style!r}"

@@ -243,6 +243,10 @@ class Trainer:
         for s in samples:  # the limit the request had (an agent's max_tokens), if known
             s.reward += overlong_penalty(_last_span(s.loss_mask), s.max_new_tokens or max_new,
                                          algo.overlong_buffer_len, algo.overlong_penalty_factor)
+            for sp in s.spans:  # tree export: each completion's own length and limit
+                sp.reward += overlong_penalty(sp.end - sp.start, sp.max_new_tokens or max_new,
+                                              algo.overlong_buffer_len,
+                                              algo.overlong_penalty_factor)
         return samples
 
     async def _evaluate(self, controller: RolloutController, rows: list[dict]) -> dict[str, float]:
@@ -312,13 +316,16 @@ def _turn_accuracy(episodes: list[EpisodeResult], solved_reward: float) -> dict[
     """First-try and solved-within-3 accuracy from each episode's per-turn raw rewards.
 
     An episode's turns are its completions in the order they were made (individual
-    export: one sample each, in insertion order); a turn is solved when its raw reward is
-    >= `solved_reward`, and a failed episode solves nothing. With concat export the
-    per-turn rewards are not in the samples, so nothing is reported.
+    export: one sample each, in insertion order; tree export: the spans, in path order,
+    which is the order they were made for a chain of turns); a turn is solved when its
+    raw reward is >= `solved_reward`, and a failed episode solves nothing. With concat
+    export the per-turn rewards are not in the samples, so nothing is reported.
     """
-    if any(len(s.completion_ids) != 1 for ep in episodes for s in ep.samples):
+    if any(len(s.completion_ids) != 1 and not s.spans for ep in episodes for s in ep.samples):
         return {}
-    turns = [[s.raw_reward >= solved_reward for s in ep.samples] for ep in episodes]
+    turns = [[r >= solved_reward for s in ep.samples
+              for r in ([sp.raw_reward for sp in s.spans] if s.spans else [s.raw_reward])]
+             for ep in episodes]
     return {"eval/first_try": _mean([bool(t) and t[0] for t in turns]),
             "eval/within_3": _mean([any(t[:3]) for t in turns]),
             "eval/turns": _mean([len(t) for t in turns])}

@@ -75,8 +75,24 @@ class GenerateResult(msgspec.Struct, kw_only=True):
         return out
 
 
+class Span(msgspec.Struct, kw_only=True):
+    """One completion's sampled tokens inside a `tree` sample, with its own reward."""
+
+    start: int  # first position of the span in the sample's input_ids
+    end: int  # one past its last position (end - start = the completion's output tokens)
+    reward: float  # discounted reward R(node) of this completion
+    raw_reward: float  # its reward as assigned, before discount (0.0 when none was given)
+    completion_id: str  # the completion these tokens came from
+    max_new_tokens: int = 0  # sampling limit of that completion's request; 0 = unknown
+
+
 class Sample(msgspec.Struct, kw_only=True):
-    """One training sample exported from an episode's interaction tree."""
+    """One training sample exported from an episode's interaction tree.
+
+    `spans` is set by the `tree` export only: then each span is one advantage unit with
+    its own reward (and `reward` is the leaf's, unused by the advantages); otherwise the
+    sample is one unit with `reward`.
+    """
 
     input_ids: list[int]  # prompt + sampled tokens (concat: the whole root-to-leaf path)
     loss_mask: list[int]  # 1 where the token was sampled by the policy and is trained
@@ -87,6 +103,7 @@ class Sample(msgspec.Struct, kw_only=True):
     episode_id: str = ""  # the session that produced it
     completion_ids: list[str] = []  # completions this sample covers (concat: root..leaf)
     max_new_tokens: int = 0  # sampling limit of its last completion's request; 0 = unknown
+    spans: list[Span] = []  # tree: the trained completions, in path order; else empty
 
 
 class CompletionNode(msgspec.Struct, kw_only=True):

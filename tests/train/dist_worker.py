@@ -14,7 +14,7 @@ import torch
 from areal_lite.config import AlgorithmConfig, LearnerConfig
 from areal_lite.train.distributed import full_state_dict, init_dist
 from areal_lite.train.learner import Learner
-from areal_lite.types import Sample
+from areal_lite.types import Sample, Span
 
 # uneven lengths: the token-balanced split gives the ranks different sample counts
 LENGTHS = [60, 5, 9, 30, 6, 7, 22, 8]
@@ -25,10 +25,16 @@ CASES = {
                                algo=dict(loss_agg="seq_mean_token_sum")),
     "seq_mean_token_mean_2mb": dict(cfg=dict(lr=1e-2, num_minibatches=2, grad_clip=0.05),
                                     algo=dict(loss_agg="seq_mean_token_mean")),
+    # samples of 20+ tokens are tree samples (two spans, each its own advantage unit);
+    # adam_eps: Adam's first step (~ lr * sign(g)) turns summation-order noise on a
+    # near-zero gradient entry into a visible weight change, and this batch has one (a
+    # 1-process run split into other micro-batches differs from itself the same way)
+    "tree_seq_mean_token_mean": dict(cfg=dict(lr=1e-2, adam_eps=1e-4),
+                                     algo=dict(loss_agg="seq_mean_token_mean")),
 }
 
 
-def make_groups() -> list[list[Sample]]:
+def make_groups(case: str = "") -> list[list[Sample]]:
     g = torch.Generator().manual_seed(0)
     samples = []
     for n, r in zip(LENGTHS, REWARDS, strict=True):
@@ -37,6 +43,13 @@ def make_groups() -> list[list[Sample]]:
         lp = (-torch.rand(n, generator=g)).tolist()
         samples.append(Sample(input_ids=ids, loss_mask=[0] * p + [1] * (n - p), logprobs=lp,
                               versions=[-1] * p + [0] * (n - p), reward=r, raw_reward=r))
+        if case.startswith("tree") and n >= 20:  # two turns, a user turn between them
+            mid = n // 2
+            samples[-1].loss_mask[mid:mid + 2] = [0, 0]
+            samples[-1].spans = [Span(start=p, end=mid, reward=0.75, raw_reward=0.75,
+                                      completion_id="t0"),
+                                 Span(start=mid + 2, end=n, reward=r, raw_reward=r,
+                                      completion_id="t1")]
     return [samples[:4], samples[4:]]
 
 
@@ -54,7 +67,7 @@ def main(model_dir: str, out_dir: str) -> None:
     for case in CASES:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         learner = make_learner(model, case, d)
-        stats = learner.train_step(make_groups())
+        stats = learner.train_step(make_groups(case))
         weights = dict(full_state_dict(learner.model, keep=d.is_leader))
         if d.is_leader:
             torch.save({"stats": stats, "weights": weights}, f"{out_dir}/{case}.pt")

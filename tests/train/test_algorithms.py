@@ -10,7 +10,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import caches
 
+from areal_lite.export import export_episode
 from areal_lite.train import algorithms as alg
 from areal_lite.train.algorithms import (
     ADVANTAGES,
@@ -19,10 +21,12 @@ from areal_lite.train.algorithms import (
     filter_groups,
     make_advantage_fn,
     overlong_penalty,
+    sample_token_advantages,
     token_advantages,
+    unit_rewards,
 )
 from areal_lite.train.losses import KL_ESTIMATORS, LOSSES
-from areal_lite.types import Sample
+from areal_lite.types import Sample, Span
 
 torch.set_num_threads(1)
 F64 = torch.float64
@@ -242,6 +246,62 @@ def test_filter_groups_drops_all_equal_groups():
     assert dropped == 3
     kept, dropped = filter_groups([keep1, keep2], atol=0.5)
     assert kept == [keep1] and dropped == 1
+
+
+def _tree_sample(*rewards: float, episode: str = "a") -> Sample:
+    """A 2-token-per-span tree sample (prompt token, then one span per reward)."""
+    n = 1 + 2 * len(rewards)
+    spans = [Span(start=1 + 2 * k, end=3 + 2 * k, reward=r, raw_reward=r,
+                  completion_id=f"c{k}") for k, r in enumerate(rewards)]
+    return Sample(input_ids=list(range(n)), loss_mask=[0] + [1] * (n - 1),
+                  logprobs=[0.0] * n, versions=[-1] + [0] * (n - 1), reward=rewards[-1],
+                  raw_reward=rewards[-1], episode_id=episode, spans=spans)
+
+
+def test_tree_samples_are_one_unit_per_span():
+    """A tree sample counts once per span in advantages and filtering; each span's
+    tokens get that span's advantage."""
+    tree = [_tree_sample(0.5, 1.0, episode="a"), _tree_sample(0.0, episode="b")]
+    assert unit_rewards(tree[0]) == [0.5, 1.0] and unit_rewards(_sample(0.3, "x")) == [0.3]
+    rewards, groups, episodes = advantage_inputs([tree])
+    assert rewards.tolist() == [0.5, 1.0, 0.0] and episodes.tolist() == [0, 0, 1]
+    assert groups.tolist() == [0, 0, 0]
+    adv = t([1.0, 2.0, 3.0])
+    per_token = sample_token_advantages(tree, adv)
+    assert [x.tolist() for x in per_token] == [[0, 1, 1, 2, 2], [0, 3, 3]]
+    with pytest.raises(ValueError, match="advantages for 3 units"):
+        sample_token_advantages(tree, adv[:2])
+    # equal sample rewards but differing span rewards: kept (and the converse dropped)
+    kept, dropped = filter_groups([[_tree_sample(0.5, 1.0), _tree_sample(1.0, episode="b")],
+                                   [_tree_sample(1.0, 1.0), _tree_sample(1.0, episode="b")]])
+    assert len(kept) == 1 and len(kept[0][0].spans) == 2 and dropped == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(caches(max_nodes=6), min_size=1, max_size=4), st.floats(0, 1),
+       st.sampled_from(sorted(ADVANTAGES)))
+def test_tree_gives_individual_per_token_advantages(episodes, gamma, name):
+    """A group of episodes exported as `tree` and as `individual`: every completion's
+    tokens get the same advantage either way."""
+    fn = make_advantage_fn(AlgorithmConfig(adv_estimator=name, reinforce_baseline=True))
+    per_style = {}
+    for style in ("individual", "tree"):
+        group = [s for k, c in enumerate(episodes)
+                 for s in export_episode(c, style=style, gamma=gamma, episode_id=f"e{k}")]
+        per_token = sample_token_advantages(group, fn(*advantage_inputs([group])))
+        per_style[style] = (group, per_token)
+    ind, ind_adv = per_style["individual"]
+    by_completion = {(s.episode_id, s.completion_ids[0]): (s, a) for s, a in zip(ind, ind_adv)}
+    num_spans = 0
+    for s, adv in zip(*per_style["tree"]):
+        for sp in s.spans:
+            num_spans += 1
+            ind_sample, ind_tokens = by_completion[(s.episode_id, sp.completion_id)]
+            start = len(ind_sample.input_ids) - (sp.end - sp.start)
+            torch.testing.assert_close(adv[sp.start:sp.end], ind_tokens[start:],
+                                       rtol=1e-12, atol=1e-12)
+        assert not adv[[m == 0 for m in s.loss_mask]].any()
+    assert num_spans == len(ind)
 
 
 def test_overlong_penalty_dapo_ramp():

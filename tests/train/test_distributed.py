@@ -45,7 +45,7 @@ def two_rank_results(tiny_model_dir, tmp_path_factory):
 def test_two_ranks_match_one_process(case, two_rank_results, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    groups = dist_worker.make_groups()
+    groups = dist_worker.make_groups(case)
     lengths = [len(s.input_ids) for g in groups for s in g]
     counts = [len(share) for share in token_balanced_split(lengths, 2)]
     assert counts[0] != counts[1]  # the ranks really get uneven sample counts

@@ -355,3 +355,64 @@ def test_stats_say_whether_a_proximal_forward_ran(model, cfg, skipped, monkeypat
     stats = learner.train_step([samples[:2], samples[2:]], current_version=2)
     assert stats["prox_forward_skipped"] == skipped
     assert len(forwards) == (0 if skipped else 1)
+
+
+# ------------------------------------------------------------- tree export == individual
+
+def _multi_turn_cache(rng: random.Random, learner: Learner, vocab: int = 256):
+    """A 3-turn chain with a branch at turn 2 (root -> a -> b, root -> c), rewards on
+    every turn, behaviour logprobs a little off the current policy's."""
+    from areal_lite.cache import InteractionCache
+    from areal_lite.types import CompletionNode
+
+    def toks(n):
+        return [rng.randrange(3, vocab) for _ in range(n)]
+
+    nodes: list[CompletionNode] = []
+    for nid, parent, num_new, num_out in (("r", None, 5, 4), ("a", "r", 3, 5),
+                                          ("b", "a", 2, 3), ("c", "r", 4, 6)):
+        base = next((n.prompt_ids + n.output_ids for n in nodes if n.id == parent), [])
+        nodes.append(CompletionNode(id=nid, response_id=nid, parent_id=parent,
+                                    prompt_ids=base + toks(num_new), output_ids=toks(num_out),
+                                    logprobs=[0.0] * num_out, versions=[0] * num_out,
+                                    finish_reason="stop"))
+    full = learner.compute_logprobs(
+        [Sample(input_ids=n.prompt_ids + n.output_ids, loss_mask=[], logprobs=[], versions=[],
+                reward=0.0, raw_reward=0.0) for n in nodes])
+    for n, lp in zip(nodes, full, strict=True):
+        n.logprobs = [x - 0.1 for x in lp[len(n.prompt_ids):]]
+    cache = InteractionCache(nodes)
+    cache.set_rewards({n.id: rng.choice([0.0, 0.1, 1.0]) for n in nodes})
+    return cache
+
+
+@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"])
+def test_tree_export_trains_exactly_like_individual(model, loss_agg):
+    """Two groups of multi-turn episodes exported as `individual` and as `tree` (each
+    prefix fed once, per-span rewards): the same advantages, loss, KL and gradients, and
+    the same weights after the step, for every loss aggregation."""
+    from areal_lite.export import export_episode
+
+    algo = AlgorithmConfig(loss_agg=loss_agg, kl_coef=0.1, dynamic_filtering=True)
+    results, tokens = {}, {}
+    for style in ("individual", "tree"):
+        learner = Learner(copy.deepcopy(model), cfg=LearnerConfig(
+            lr=1e-3, adam_eps=1.0, max_tokens_per_microbatch=40), algo=algo,
+            ref_model=copy.deepcopy(model), max_new_tokens=8)
+        rng = random.Random(7)
+        groups = [[s for e in range(3) for s in export_episode(
+            _multi_turn_cache(rng, learner), style=style, gamma=0.5, episode_id=f"{g}/{e}")]
+            for g in range(2)]
+        tokens[style] = sum(len(s.input_ids) for g in groups for s in g)
+        grads, stats = _grads_at_step(learner, groups)
+        results[style] = (grads, stats, dict(learner.model.named_parameters()))
+    (g_ind, s_ind, p_ind), (g_tree, s_tree, p_tree) = results["individual"], results["tree"]
+    assert tokens["tree"] < tokens["individual"]
+    assert (s_ind["num_samples"], s_tree["num_samples"]) == (24, 12)
+    for key in ("num_tokens", "reward_mean", "reward_std", "adv_mean", "loss", "kl",
+                "entropy", "num_filtered_groups"):
+        assert s_tree[key] == pytest.approx(s_ind[key], rel=1e-5, abs=1e-6), key
+    assert g_ind.keys() == g_tree.keys() and g_ind
+    for name in g_ind:
+        torch.testing.assert_close(g_tree[name], g_ind[name], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(p_tree[name], p_ind[name], rtol=0, atol=1e-6)

@@ -5,7 +5,8 @@ This module owns the `algorithm` config section, advantages, group filtering and
 shaping. Every variant is a function chosen once by name (STYLE rule 7)::
 
     adv_fn = make_advantage_fn(cfg)                          # ADVANTAGES[cfg.adv_estimator]
-    advantages = adv_fn(*advantage_inputs(groups))           # one float per sample
+    advantages = adv_fn(*advantage_inputs(groups))           # one float per unit
+    per_token = sample_token_advantages(samples, advantages)  # [L_i] per sample
     loss_fn = LOSSES[cfg.loss_agg]                           # losses.py
     normalizer = loss_fn.normalizer(tokens_per_seq, max_len)  # once, over the WHOLE batch
     for mb in micro_batches:                                  # sum over mbs == full-batch loss
@@ -13,7 +14,12 @@ shaping. Every variant is a function chosen once by name (STYLE rule 7)::
                               cfg=cfg, normalizer=normalizer)
         loss.backward()
 
-Advantage definition (group g holds E_g episodes; episode e holds n_e samples, each
+Units: a sample is one unit with its `reward`, except a `tree` sample (export.py), which
+is one unit per `Span`, each with the span's own reward. Estimators and filtering see
+units only, so a tree export gets exactly the advantages an individual export of the same
+episodes gets; `sample_token_advantages` then gives each span's tokens its unit's value.
+
+Advantage definition (group g holds E_g episodes; episode e holds n_e units, each
 with its own, possibly turn-discounted, reward r_i)::
 
     R_e  = mean_{i in e} r_i                                episode reward
@@ -57,7 +63,10 @@ __all__ = [
     "overlong_penalty",
     "reinforce_advantages",
     "rloo_advantages",
+    "sample_token_advantages",
     "token_advantages",
+    "unit_rewards",
+    "unit_token_counts",
 ]
 
 
@@ -166,11 +175,18 @@ def make_advantage_fn(cfg: AlgorithmConfig) -> AdvantageFn:
     return fn
 
 
-def advantage_inputs(groups: Sequence[Sequence[Sample]]) -> tuple[Tensor, Tensor, Tensor]:
-    """Flatten groups into (rewards [N] float64, group_ids [N], episode_ids [N]).
+def unit_rewards(sample: Sample) -> list[float]:
+    """The rewards of a sample's advantage units: one per span, or its own reward."""
+    return [sp.reward for sp in sample.spans] if sample.spans else [sample.reward]
 
-    Samples are numbered in order, group by group. Samples of one group with the same
-    `episode_id` form one episode; a sample with an empty `episode_id` is its own episode.
+
+def advantage_inputs(groups: Sequence[Sequence[Sample]]) -> tuple[Tensor, Tensor, Tensor]:
+    """Flatten groups into units: (rewards [U] float64, group_ids [U], episode_ids [U]).
+
+    Units are numbered in order, group by group, sample by sample, span by span (the
+    order `sample_token_advantages` reads them in). Units of one group whose samples have
+    the same `episode_id` form one episode; a sample with an empty `episode_id` is its
+    own episode.
     """
     rewards: list[float] = []
     group_ids: list[int] = []
@@ -179,11 +195,57 @@ def advantage_inputs(groups: Sequence[Sequence[Sample]]) -> tuple[Tensor, Tensor
         index: dict[str, int] = {}
         for i, s in enumerate(group):
             key = s.episode_id or f"\0{i}"  # NUL cannot start a session id
-            episode_ids.append(index.setdefault(key, len(index)))
-            rewards.append(s.reward)
-            group_ids.append(g)
+            episode = index.setdefault(key, len(index))
+            for r in unit_rewards(s):
+                episode_ids.append(episode)
+                rewards.append(r)
+                group_ids.append(g)
     return (torch.tensor(rewards, dtype=torch.float64), torch.tensor(group_ids, dtype=torch.long),
             torch.tensor(episode_ids, dtype=torch.long))
+
+
+def sample_token_advantages(samples: Sequence[Sample], advantages: Tensor) -> list[Tensor]:
+    """Per-token advantages [L_i] of each sample from per-unit advantages [U].
+
+    `advantages` is in `advantage_inputs` order over the same samples. A sample without
+    spans gets its unit's value on every loss-mask token; a tree sample gets each span's
+    value on that span's loss-mask tokens. 0 wherever loss_mask is 0.
+    """
+    num_units = sum(len(s.spans) or 1 for s in samples)
+    if num_units != len(advantages):
+        raise ValueError(f"{len(advantages)} advantages for {num_units} units: pass the "
+                         f"advantages of advantage_inputs over these same samples")
+    out: list[Tensor] = []
+    k = 0
+    for s in samples:
+        mask = torch.tensor(s.loss_mask, dtype=advantages.dtype)
+        if not s.spans:
+            out.append(advantages[k] * mask)
+            k += 1
+            continue
+        adv = torch.zeros(len(s.loss_mask), dtype=advantages.dtype)
+        for sp in s.spans:
+            if not 0 <= sp.start <= sp.end <= len(adv):
+                raise ValueError(f"span {sp.completion_id!r} [{sp.start}, {sp.end}) lies "
+                                 f"outside its sample's {len(adv)} tokens (check the export)")
+            adv[sp.start:sp.end] = advantages[k]
+            k += 1
+        out.append(adv * mask)
+    return out
+
+
+def unit_token_counts(sample: Sample, loss_mask: Tensor) -> tuple[list[int], Tensor]:
+    """Loss tokens of each of a sample's units, and per token [L] those of its unit (1
+    outside spans). `loss_mask` is the mask as trained (the learner clears position 0)."""
+    if not sample.spans:
+        n = int(loss_mask.sum())
+        return [n], torch.full((len(loss_mask),), n, dtype=torch.long)
+    counts, per_token = [], torch.ones(len(loss_mask), dtype=torch.long)
+    for sp in sample.spans:
+        n = int(loss_mask[sp.start:sp.end].sum())
+        counts.append(n)
+        per_token[sp.start:sp.end] = n
+    return counts, per_token
 
 
 def token_advantages(advantages: Tensor, loss_mask: Tensor) -> Tensor:
@@ -195,14 +257,18 @@ def token_advantages(advantages: Tensor, loss_mask: Tensor) -> Tensor:
 
 def filter_groups(groups: Sequence[Sequence[Sample]], *, atol: float = 0.0
                   ) -> tuple[list[list[Sample]], int]:
-    """DAPO dynamic filtering: drop groups whose sample rewards are all equal (within atol).
+    """DAPO dynamic filtering: drop groups whose unit rewards are all equal (within atol).
 
     Such a group gets zero advantage for grpo, dr_grpo and rloo, so it would only
-    dilute the batch. A one-sample group is trivially all-equal and is dropped. Returns
-    (kept groups in order, number dropped).
+    dilute the batch. A one-unit group is trivially all-equal and is dropped. Units are
+    samples, or the spans of tree samples (`unit_rewards`). Returns (kept groups in
+    order, number dropped).
     """
-    kept = [list(g) for g in groups
-            if g and max(s.reward for s in g) - min(s.reward for s in g) > atol]
+    def spread(group: Sequence[Sample]) -> float:
+        rewards = [r for s in group for r in unit_rewards(s)]
+        return max(rewards) - min(rewards) if rewards else 0.0
+
+    kept = [list(g) for g in groups if g and spread(g) > atol]
     return kept, len(groups) - len(kept)
 
 

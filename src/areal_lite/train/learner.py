@@ -4,7 +4,7 @@
 logprobs and micro-batch splitting; this module owns the model, the optimizer and the
 updates. One `train_step` reads::
 
-    groups  -> (dynamic filtering) -> advantages per sample
+    groups  -> (dynamic filtering) -> advantages per unit -> per token
             -> proximal logprobs (recomputed with the current weights, or behaviour)
     lr = cfg.lr x lr_multiplier(step)
     for each of ppo_epochs x num_minibatches updates:
@@ -16,6 +16,12 @@ updates. One `train_step` reads::
 
 Because every micro-batch loss is divided by the same whole-minibatch normalizer, the
 summed gradient does not depend on how the batch is split (tested: 1 x 8 == 8 x 1).
+
+Units (algorithms.py): a sample, or each span of a `tree` sample, is one advantage unit;
+the update trains on per-token advantages and per-sequence aggregations count units, so
+a tree batch and the individual batch of the same episodes give the same update. Stats
+are per unit too (`reward_mean`/`_std` before filtering, `adv_mean`); `num_samples`
+counts rows (fewer for tree), `num_tokens` loss tokens (the same).
 
 Token alignment: every per-token tensor is [B, T] aligned with `input_ids`; position t
 holds log p(ids[t] | ids[:t]) computed from the logits at t-1, and position 0 holds 0.
@@ -41,7 +47,9 @@ from areal_lite.train.algorithms import (
     advantage_inputs,
     filter_groups,
     make_advantage_fn,
-    token_advantages,
+    sample_token_advantages,
+    unit_rewards,
+    unit_token_counts,
 )
 from areal_lite.train.distributed import (
     Dist,
@@ -49,7 +57,11 @@ from areal_lite.train.distributed import (
     shard_model,
     token_balanced_split,
 )
-from areal_lite.train.forward import prefix_microbatches, split_causal_lm, trained_logprobs
+from areal_lite.train.forward import (
+    prefix_microbatches,
+    split_causal_lm,
+    trained_logprobs,
+)
 from areal_lite.train.logprobs import (
     forward_logits,
     make_microbatches,
@@ -98,7 +110,10 @@ class _Batch:
     ids: list[Tensor]  # [L_i] long
     mask: list[Tensor]  # [L_i] bool, loss mask with position 0 forced off
     behav: list[Tensor]  # [L_i] float32 behaviour logprobs
-    adv: Tensor  # [N] float32 advantages
+    adv: list[Tensor]  # [L_i] float32 per-token advantages, 0 off the mask
+    unit_tokens: list[Tensor]  # [L_i] loss tokens of the unit (row or span) each token is in
+    units: list[list[int]]  # loss tokens of each of sample i's advantage units
+    unit_adv: Tensor  # [U] float32 advantage per unit (sample, or span of a tree sample)
     prox: list[Tensor] | None  # [L_i] proximal logprobs; None = take them from the forward
     ref: list[Tensor] | None  # [L_i] reference logprobs when kl_coef > 0
 
@@ -109,13 +124,14 @@ class _Batch:
 
 @dataclass
 class _Micro:
-    """One right-padded micro-batch on the device, all [B, T] (adv is [B])."""
+    """One right-padded micro-batch on the device, all [B, T] (adv padded with 0)."""
 
     ids: Tensor
     attn: Tensor
     mask: Tensor
     behav: Tensor
     adv: Tensor
+    unit_tokens: Tensor
     prox: Tensor | None
     ref: Tensor | None
 
@@ -130,8 +146,9 @@ def _collate(batch: _Batch, rows: list[int], device, pad_id: int) -> _Micro:
     attn = pad_sequence([torch.ones(len(batch.ids[r]), dtype=torch.long) for r in rows],
                         batch_first=True).to(device)
     return _Micro(ids=pad(batch.ids, pad_id), attn=attn, mask=pad(batch.mask, False),
-                  behav=pad(batch.behav), adv=batch.adv[rows].to(device),
-                  prox=pad(batch.prox), ref=pad(batch.ref))
+                  behav=pad(batch.behav), adv=pad(batch.adv),
+                  unit_tokens=pad(batch.unit_tokens, 1), prox=pad(batch.prox),
+                  ref=pad(batch.ref))
 
 
 def _minibatches(n: int, num: int) -> list[list[int]]:
@@ -327,7 +344,8 @@ class Learner:
         lr = self.cfg.lr * lr_multiplier(self.step, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        rewards = torch.tensor([s.reward for g in groups for s in g], dtype=torch.float64)
+        rewards = torch.tensor([r for g in groups for s in g for r in unit_rewards(s)],
+                               dtype=torch.float64)  # per unit: a tree sample's spans
         num_filtered = 0
         if self.algo.dynamic_filtering:
             groups, num_filtered = filter_groups(groups)
@@ -355,7 +373,7 @@ class Learner:
         stats["tokens_per_s"] = sum(len(s.input_ids) for s in samples) / max(elapsed, 1e-9)
         return stats
 
-    def _prepare(self, samples: list[Sample], adv: Tensor) -> _Batch:
+    def _prepare(self, samples: list[Sample], unit_adv: Tensor) -> _Batch:
         ids = [torch.tensor(s.input_ids, dtype=torch.long) for s in samples]
         masks = []
         for s in samples:
@@ -378,11 +396,15 @@ class Learner:
         ref = None
         if self.ref_model is not None and self.algo.kl_coef > 0:
             ref = self._logprob_tensors([s.input_ids for s in samples], self.ref_model, masks)
-        return _Batch(ids=ids, mask=masks, behav=behav, adv=adv, prox=prox, ref=ref)
+        adv = [a * m for a, m in zip(sample_token_advantages(samples, unit_adv), masks,
+                                     strict=True)]
+        units, unit_tokens = zip(*map(unit_token_counts, samples, masks), strict=True)
+        return _Batch(ids=ids, mask=masks, behav=behav, adv=adv, unit_tokens=list(unit_tokens),
+                      units=list(units), unit_adv=unit_adv, prox=prox, ref=ref)
 
     def _update(self, batch: _Batch, rows: list[int], acc: _StepStats) -> None:
         """One optimizer update on samples `rows`, accumulating over micro-batches."""
-        normalizer = self._loss_fn.normalizer([int(batch.mask[r].sum()) for r in rows],
+        normalizer = self._loss_fn.normalizer([n for r in rows for n in batch.units[r]],
                                               self.max_new_tokens)
         lengths = [len(batch.ids[r]) for r in rows]
         self.model.train()
@@ -435,8 +457,9 @@ class Learner:
             del logits
         prox = mb.prox if mb.prox is not None else logp.detach()
         loss, stats = self._loss_fn(
-            logp, prox, mb.behav, token_advantages(mb.adv, mb.mask), mb.mask, cfg=self.algo,
-            normalizer=normalizer, ref_logprobs=mb.ref, entropy=entropy)
+            logp, prox, mb.behav, mb.adv, mb.mask, cfg=self.algo,
+            normalizer=normalizer, ref_logprobs=mb.ref, entropy=entropy,
+            unit_tokens=mb.unit_tokens)
         (loss * scale if scale != 1.0 else loss).backward()
         return stats
 
@@ -448,7 +471,7 @@ class Learner:
         stale = torch.cat([current_version - torch.tensor(s.versions, dtype=torch.float64)[m]
                            for s, m in zip(samples, batch.mask, strict=True)])
         return {"num_tokens": float(sum(int(m.sum()) for m in batch.mask)),
-                "adv_mean": batch.adv.mean().item(),
+                "adv_mean": batch.unit_adv.mean().item(),  # per unit, as individual's
                 "staleness": stale.mean().item() if len(stale) else 0.0,
                 # 1 = no proximal forward ran: one update pass, so the weights cannot change
                 # before it and the update's own detached logprobs are the proximal ones

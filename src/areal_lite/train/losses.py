@@ -78,11 +78,13 @@ def _decoupled_ppo(logprobs, prox, behav, adv, mask, cfg: AlgorithmConfig) -> _T
     return _TokenTerms(policy * weight, ratio, clipped, weight, capped)
 
 
-def _sum_tokens(values: Tensor, mask: Tensor) -> Tensor:
+def _sum_tokens(values: Tensor, mask: Tensor, unit_tokens: Tensor | None) -> Tensor:
     return torch.where(mask, values, 0.0).sum()
 
 
-def _sum_seq_token_means(values: Tensor, mask: Tensor) -> Tensor:
+def _sum_seq_token_means(values: Tensor, mask: Tensor, unit_tokens: Tensor | None) -> Tensor:
+    if unit_tokens is not None:  # a sequence = a unit (a row, or a tree sample's span)
+        return torch.where(mask, values / unit_tokens.clamp_min(1), 0.0).sum()
     per_seq = torch.where(mask, values, 0.0).sum(-1) / mask.sum(-1).clamp_min(1)
     return per_seq.sum()
 
@@ -112,11 +114,16 @@ class PolicyLoss:
     over the whole batch. Hence summing micro-batch losses (and their gradients) gives
     exactly the full-batch loss, however the batch is split or padded. Each row is one
     sequence (seq_mean_token_mean takes the mean over a row): do not pack several
-    sequences into one row for that aggregation.
+    sequences into one row for that aggregation — unless `unit_tokens` says, per token,
+    how many loss tokens its sequence has (the learner passes it: a `tree` sample's
+    spans are sequences of their own, so the per-sequence aggregations count and
+    average them exactly as the `individual` samples of the same completions; the
+    normalizer then takes per-span token counts too).
     """
 
     name: str
-    reduce: Callable[[Tensor, Tensor], Tensor]  # (values [B, T], bool mask [B, T]) -> scalar
+    # (values [B, T], bool mask [B, T], unit_tokens [B, T] | None) -> scalar
+    reduce: Callable[[Tensor, Tensor, Tensor | None], Tensor]
     count: Callable[[Tensor, int], float]  # (loss tokens per sequence, max_len) -> normalizer
 
     def normalizer(self, tokens_per_seq: Sequence[int] | Tensor, max_len: int = 0) -> float:
@@ -129,14 +136,17 @@ class PolicyLoss:
     def __call__(self, logprobs: Tensor, prox_logprobs: Tensor, behav_logprobs: Tensor,
                  advantages: Tensor, loss_mask: Tensor, *, cfg: AlgorithmConfig,
                  normalizer: float, ref_logprobs: Tensor | None = None,
-                 entropy: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+                 entropy: Tensor | None = None, unit_tokens: Tensor | None = None
+                 ) -> tuple[Tensor, dict[str, float]]:
         """Loss of one micro-batch; all tensors [B, T], aligned token for token.
 
         logprobs: current policy (with grad); prox_logprobs: proximal policy, recomputed
         before the update (pass behav_logprobs when not recomputed: synchronous PPO);
         behav_logprobs: what the engine sampled with; advantages: per token (see
         `token_advantages`); loss_mask: 1 on trained tokens; ref_logprobs: frozen
-        reference, needed when cfg.kl_coef > 0; entropy: per token, only reported.
+        reference, needed when cfg.kl_coef > 0; entropy: per token, only reported;
+        unit_tokens: per token, the loss tokens of the sequence it belongs to (None =
+        each row is one sequence).
         Returns (loss scalar, stats). stats["loss"] and ["policy_loss"] / ["kl_loss"] are
         this micro-batch's share (they sum over micro-batches); the other stats are means
         over this micro-batch's loss tokens, with "num_tokens" to weight them.
@@ -146,13 +156,13 @@ class PolicyLoss:
                              f"{normalizer}")
         mask = loss_mask.bool()
         terms = _decoupled_ppo(logprobs, prox_logprobs, behav_logprobs, advantages, mask, cfg)
-        policy_loss = self.reduce(terms.policy, mask) / normalizer
-        kl_loss, kl = self._kl(logprobs, ref_logprobs, mask, cfg, normalizer)
+        policy_loss = self.reduce(terms.policy, mask, unit_tokens) / normalizer
+        kl_loss, kl = self._kl(logprobs, ref_logprobs, mask, cfg, normalizer, unit_tokens)
         loss = policy_loss + cfg.kl_coef * kl_loss if kl is not None else policy_loss
         return loss, _stats(loss, policy_loss, kl_loss, kl, terms, logprobs, prox_logprobs,
                             mask, entropy)
 
-    def _kl(self, logprobs, ref_logprobs, mask, cfg, normalizer):
+    def _kl(self, logprobs, ref_logprobs, mask, cfg, normalizer, unit_tokens):
         if cfg.kl_coef == 0.0:
             return None, None
         if ref_logprobs is None:
@@ -161,7 +171,7 @@ class PolicyLoss:
         safe_logp = torch.where(mask, logprobs, 0.0)  # padding may hold -inf
         safe_ref = torch.where(mask, ref_logprobs.detach(), 0.0)
         kl = torch.where(mask, KL_ESTIMATORS[cfg.kl_estimator](safe_logp, safe_ref), 0.0)
-        return self.reduce(kl, mask) / normalizer, kl
+        return self.reduce(kl, mask, unit_tokens) / normalizer, kl
 
 
 def _stats(loss, policy_loss, kl_loss, kl, terms: _TokenTerms, logprobs, prox, mask,
