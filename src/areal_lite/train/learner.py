@@ -33,9 +33,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -51,6 +49,7 @@ from areal_lite.train.algorithms import (
     unit_rewards,
     unit_token_counts,
 )
+from areal_lite.train.batches import Batch, Micro, StepStats, collate, minibatches
 from areal_lite.train.distributed import (
     Dist,
     grad_norm_and_clip,
@@ -99,116 +98,6 @@ def lr_multiplier(step: int, cfg: LearnerConfig) -> float:
         return 1.0
     progress = min(1.0, (step - cfg.warmup_steps) / (cfg.total_steps - cfg.warmup_steps))
     return _DECAYS[cfg.lr_schedule](progress)
-
-
-# ------------------------------------------------------------------------------ batches
-
-@dataclass
-class _Batch:
-    """Per-sample CPU tensors of one train step (index i = i-th flattened sample)."""
-
-    ids: list[Tensor]  # [L_i] long
-    mask: list[Tensor]  # [L_i] bool, loss mask with position 0 forced off
-    behav: list[Tensor]  # [L_i] float32 behaviour logprobs
-    adv: list[Tensor]  # [L_i] float32 per-token advantages, 0 off the mask
-    unit_tokens: list[Tensor]  # [L_i] loss tokens of the unit (row or span) each token is in
-    units: list[list[int]]  # loss tokens of each of sample i's advantage units
-    unit_adv: Tensor  # [U] float32 advantage per unit (sample, or span of a tree sample)
-    prox: list[Tensor] | None  # [L_i] proximal logprobs; None = take them from the forward
-    ref: list[Tensor] | None  # [L_i] reference logprobs when kl_coef > 0
-
-    @property
-    def lengths(self) -> list[int]:
-        return [len(x) for x in self.ids]
-
-
-@dataclass
-class _Micro:
-    """One right-padded micro-batch on the device, all [B, T] (adv padded with 0)."""
-
-    ids: Tensor
-    attn: Tensor
-    mask: Tensor
-    behav: Tensor
-    adv: Tensor
-    unit_tokens: Tensor
-    prox: Tensor | None
-    ref: Tensor | None
-
-
-def _collate(batch: _Batch, rows: list[int], device, pad_id: int) -> _Micro:
-    def pad(seqs: list[Tensor] | None, value=0) -> Tensor | None:
-        if seqs is None:
-            return None
-        return pad_sequence([seqs[r] for r in rows], batch_first=True,
-                            padding_value=value).to(device)
-
-    attn = pad_sequence([torch.ones(len(batch.ids[r]), dtype=torch.long) for r in rows],
-                        batch_first=True).to(device)
-    return _Micro(ids=pad(batch.ids, pad_id), attn=attn, mask=pad(batch.mask, False),
-                  behav=pad(batch.behav), adv=pad(batch.adv),
-                  unit_tokens=pad(batch.unit_tokens, 1), prox=pad(batch.prox),
-                  ref=pad(batch.ref))
-
-
-def _minibatches(n: int, num: int) -> list[list[int]]:
-    """Split range(n) into `num` contiguous, near-equal, non-empty chunks (fewer if n < num)."""
-    num = min(num, n)
-    bounds = [n * k // num for k in range(num + 1)]
-    return [list(range(bounds[k], bounds[k + 1])) for k in range(num)]
-
-
-_SHARES = ("loss", "policy_loss", "kl_loss")  # summed over micro-batches, mean over updates
-
-
-class _StepStats:
-    """Accumulates loss_fn stats: shares summed per update, the rest token-weighted."""
-
-    def __init__(self) -> None:
-        self.shares: dict[str, float] = defaultdict(float)
-        self.weighted: dict[str, float] = defaultdict(float)
-        self.tokens = 0.0
-        self.grad_norms: list[float] = []
-        self.padded = self.real = 0
-        self.shared = 0  # prefix tokens computed once for a micro-batch instead of per row
-        self.skipped = 0
-
-    def add(self, stats: dict[str, float]) -> None:
-        n = stats["num_tokens"]
-        self.tokens += n
-        for key, value in stats.items():
-            if key in _SHARES:
-                self.shares[key] += value
-            elif key != "num_tokens":
-                self.weighted[key] += value * n
-
-    def merge(self, d: Dist) -> None:
-        """Sum every rank's accumulators into this one (grad norms are already global)."""
-        parts = [None] * d.world
-        torch.distributed.all_gather_object(parts, (dict(self.shares), dict(self.weighted),
-                                                    self.tokens, self.padded, self.real))
-        self.shares, self.weighted = defaultdict(float), defaultdict(float)
-        self.tokens = self.padded = self.real = 0
-        for shares, weighted, tokens, padded, real in parts:
-            for key, value in shares.items():
-                self.shares[key] += value
-            for key, value in weighted.items():
-                self.weighted[key] += value
-            self.tokens, self.padded, self.real = (self.tokens + tokens, self.padded + padded,
-                                                   self.real + real)
-
-    def result(self) -> dict[str, float]:
-        updates = max(1, len(self.grad_norms))
-        out = {k: v / updates for k, v in self.shares.items()}
-        out |= {k: v / max(self.tokens, 1.0) for k, v in self.weighted.items()}
-        out["grad_norm"] = sum(self.grad_norms) / updates
-        out["padding_frac"] = (self.padded - self.real) / self.padded if self.padded else 0.0
-        # share of the rows' real tokens that a shared-prefix pass computed once, not per row
-        out["prefix_shared_frac"] = self.shared / (self.real + self.shared) \
-            if self.real + self.shared else 0.0
-        out["num_updates"] = float(len(self.grad_norms))
-        out["num_skipped_updates"] = float(self.skipped)
-        return out
 
 
 # ------------------------------------------------------------------------------ learner
@@ -350,13 +239,13 @@ class Learner:
         if self.algo.dynamic_filtering:
             groups, num_filtered = filter_groups(groups)
         samples = [s for g in groups for s in g]
-        acc = _StepStats()
+        acc = StepStats()
         batch = None
         if samples:
             adv = self._adv_fn(*advantage_inputs(groups)).to(torch.float32)
             batch = self._prepare(samples, adv)
             for _ in range(self.cfg.ppo_epochs):
-                for mini in _minibatches(len(samples), self.cfg.num_minibatches):
+                for mini in minibatches(len(samples), self.cfg.num_minibatches):
                     self._update(batch, mini, acc)
             if self.dist is not None:
                 acc.merge(self.dist)
@@ -373,7 +262,7 @@ class Learner:
         stats["tokens_per_s"] = sum(len(s.input_ids) for s in samples) / max(elapsed, 1e-9)
         return stats
 
-    def _prepare(self, samples: list[Sample], unit_adv: Tensor) -> _Batch:
+    def _prepare(self, samples: list[Sample], unit_adv: Tensor) -> Batch:
         ids = [torch.tensor(s.input_ids, dtype=torch.long) for s in samples]
         masks = []
         for s in samples:
@@ -399,10 +288,10 @@ class Learner:
         adv = [a * m for a, m in zip(sample_token_advantages(samples, unit_adv), masks,
                                      strict=True)]
         units, unit_tokens = zip(*map(unit_token_counts, samples, masks), strict=True)
-        return _Batch(ids=ids, mask=masks, behav=behav, adv=adv, unit_tokens=list(unit_tokens),
+        return Batch(ids=ids, mask=masks, behav=behav, adv=adv, unit_tokens=list(unit_tokens),
                       units=list(units), unit_adv=unit_adv, prox=prox, ref=ref)
 
-    def _update(self, batch: _Batch, rows: list[int], acc: _StepStats) -> None:
+    def _update(self, batch: Batch, rows: list[int], acc: StepStats) -> None:
         """One optimizer update on samples `rows`, accumulating over micro-batches."""
         normalizer = self._loss_fn.normalizer([n for r in rows for n in batch.units[r]],
                                               self.max_new_tokens)
@@ -426,10 +315,10 @@ class Learner:
             acc.padded += prefix + max(lengths[j] - prefix for j in mb) * len(mb)
             acc.real += prefix + sum(lengths[j] - prefix for j in mb)
             acc.shared += prefix * (len(mb) - 1)
-            acc.add(self._micro_step(_collate(batch, [rows[j] for j in mb], self.device,
+            acc.add(self._micro_step(collate(batch, [rows[j] for j in mb], self.device,
                                               self.pad_token_id), normalizer, scale, prefix))
         for _ in range(num):  # zero-weight micro-batches on the rank with fewer
-            self._micro_step(_collate(batch, rows[:1], self.device, self.pad_token_id),
+            self._micro_step(collate(batch, rows[:1], self.device, self.pad_token_id),
                              normalizer, 0.0)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
@@ -442,7 +331,7 @@ class Learner:
             acc.skipped += 1
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _micro_step(self, mb: _Micro, normalizer: float, scale: float = 1.0,
+    def _micro_step(self, mb: Micro, normalizer: float, scale: float = 1.0,
                     prefix: int = 0) -> dict[str, float]:
         split = self._split(self.model)
         if split is not None:
@@ -463,7 +352,7 @@ class Learner:
         (loss * scale if scale != 1.0 else loss).backward()
         return stats
 
-    def _batch_stats(self, samples: list[Sample], batch: _Batch | None,
+    def _batch_stats(self, samples: list[Sample], batch: Batch | None,
                      current_version: int) -> dict[str, float]:
         if batch is None:
             return {"num_tokens": 0.0, "adv_mean": 0.0, "staleness": 0.0,
