@@ -66,6 +66,44 @@ def test_limit_malloc_growth_applies_on_glibc_and_respects_the_env(monkeypatch):
     assert limit_malloc_growth() is True  # nothing left to set: the user's values stay
 
 
+def test_learner_heap_takes_large_blocks_from_the_heap_then_restores_the_limit():
+    """Inside `learner_heap` a 4 MiB malloc comes from the heap (no new mmapped bytes,
+    glibc's mallinfo2); outside, under limit_malloc_growth's 1 MiB threshold, it is
+    mmapped again."""
+    import ctypes
+    import os
+
+    from areal_lite.runtime import learner_heap
+
+    if not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None:
+        pytest.skip("glibc only")
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("glibc < 2.33 has no mallinfo2")
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks",
+                                                   "hblkhd", "usmblks", "fsmblks",
+                                                   "uordblks", "fordblks", "keepcost")]
+
+    libc.mallinfo2.restype = MallInfo2
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+
+    def mmapped_by_malloc(size: int) -> int:
+        before = libc.mallinfo2().hblkhd
+        block = libc.malloc(size)
+        grown = libc.mallinfo2().hblkhd - before
+        libc.free(block)
+        return grown
+
+    assert limit_malloc_growth() is True
+    assert mmapped_by_malloc(4 << 20) >= 4 << 20
+    with learner_heap():
+        assert mmapped_by_malloc(4 << 20) == 0
+    assert mmapped_by_malloc(4 << 20) >= 4 << 20
+
+
 async def test_math_agent_episode_through_the_proxy(tiny_model_dir, tmp_path):
     """One episode of the example agent against the tiny model: it runs, gets a reply and
     a reward in {0, 1}, and exports one sample whose prompt holds the worked example."""
@@ -126,6 +164,23 @@ def test_eval_prompt_has_no_worked_example():
     hinted = agent.first_messages(train_row)
     assert [m["role"] for m in hinted] == ["user", "assistant", "user"]
     assert hinted[1]["content"] == HINT[1] and "\\boxed{9}" in HINT[1]
+
+
+def test_worked_example_share_falls_to_zero_over_training_episodes():
+    """hint_decay_episodes: the hint share falls linearly with the training episodes
+    begun (eval rows neither count nor ever get it) and is 0 after them."""
+    agent = WordProblemAgent(hint_prob=1.0, hint_decay_episodes=4)
+    train = {"question": "q", "split": "train"}
+    evals = {"question": "q", "split": "eval"}
+    shares = []
+    for _ in range(6):
+        shares.append(agent.current_hint_prob())
+        assert len(agent.first_messages(evals)) == 1
+        agent.first_messages(train)
+    assert shares == [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+    assert all(len(agent.first_messages(train)) == 1 for _ in range(20))
+    with pytest.raises(ValueError, match="hint_decay_episodes"):
+        WordProblemAgent(hint_decay_episodes=-1)
 
 
 def test_worked_example_is_a_training_problem_in_a_training_phrasing():

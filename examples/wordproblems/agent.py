@@ -11,7 +11,8 @@ of a later turn's reward back to the earlier ones.
 
 The prompt is the plain instruction: no worked example, no system prompt. Training
 only (rows whose `split` is "train"), a share `hint_prob` of the episodes first sees one
-worked example, so that a small model that never boxes its answer unprompted (SmolLM2-135M
+worked example (a share that falls to 0 over the first `hint_decay_episodes` training
+episodes when that is set), so that a small model that never boxes its answer unprompted (SmolLM2-135M
 boxes 0 of 30 eval answers) samples some boxed answers to learn from; eval rows never get it.
 """
 
@@ -43,7 +44,7 @@ def build_messages(question: str, hint: bool = False) -> list[dict]:
 class WordProblemAgent:
     def __init__(self, model: str = "default", max_tokens: int = 64, temperature: float = 1.0,
                  max_turns: int = 3, format_reward: float = 0.0, unboxed_reward: float = 0.0,
-                 hint_prob: float = 0.0, seed: int = 0) -> None:
+                 hint_prob: float = 0.0, hint_decay_episodes: int = 0, seed: int = 0) -> None:
         if max_turns < 1:
             raise ValueError(f"agent_kwargs.max_turns must be >= 1, got {max_turns}")
         if not 0.0 <= format_reward < 1.0:
@@ -52,9 +53,14 @@ class WordProblemAgent:
             raise ValueError(f"agent_kwargs.unboxed_reward must be in [0, 1), got {unboxed_reward}")
         if not 0.0 <= hint_prob <= 1.0:
             raise ValueError(f"agent_kwargs.hint_prob must be in [0, 1], got {hint_prob}")
+        if hint_decay_episodes < 0:
+            raise ValueError(f"agent_kwargs.hint_decay_episodes must be >= 0, got "
+                             f"{hint_decay_episodes}")
         self.model, self.max_tokens, self.temperature = model, max_tokens, temperature
         self.max_turns, self.format_reward = max_turns, format_reward
         self.unboxed_reward, self.hint_prob = unboxed_reward, hint_prob
+        self.hint_decay_episodes = hint_decay_episodes
+        self._train_episodes = 0  # training episodes begun by this agent (the hint schedule)
         self._rng = random.Random(seed)  # which training episodes see the worked example
 
     async def run(self, data: dict, **kwargs) -> dict[str, float]:
@@ -74,10 +80,20 @@ class WordProblemAgent:
                         {"role": "user", "content": RETRY}]
         return rewards
 
+    def current_hint_prob(self) -> float:
+        """`hint_prob`, falling linearly to 0 over the first `hint_decay_episodes`
+        training episodes (constant when that is 0): few-shot early in training only."""
+        if not self.hint_decay_episodes:
+            return self.hint_prob
+        return self.hint_prob * max(0.0, 1.0 - self._train_episodes / self.hint_decay_episodes)
+
     def first_messages(self, data: dict) -> list[dict]:
         """The first turn's chat for `data`: the plain question, or (training rows only,
-        with probability `hint_prob`) the question after one worked example."""
-        hint = data.get("split") == "train" and self._rng.random() < self.hint_prob
+        with probability `current_hint_prob()`) the question after one worked example."""
+        if data.get("split") != "train":
+            return build_messages(data["question"])
+        hint = self._rng.random() < self.current_hint_prob()
+        self._train_episodes += 1
         return build_messages(data["question"], hint)
 
     def score(self, text: str, data: dict, turn: int) -> float:

@@ -25,10 +25,11 @@ win when the user sets them).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import os
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
 M_MMAP_THRESHOLD = -3  # glibc malloc.h
@@ -57,6 +58,9 @@ def run_async(main: Coroutine[Any, Any, Any]) -> Any:
 _ENV = {"MALLOC_MMAP_THRESHOLD_": M_MMAP_THRESHOLD, "MALLOC_ARENA_MAX": M_ARENA_MAX}
 
 
+_limited: dict[str, int] = {}  # what limit_malloc_growth set (mmap_threshold), if it did
+
+
 def limit_malloc_growth(mmap_threshold: int = 1 << 20, arena_max: int = 2) -> bool:
     """Apply the settings on Linux/glibc; False (nothing done) elsewhere."""
     if not sys.platform.startswith("linux") or not _is_glibc():
@@ -66,7 +70,30 @@ def limit_malloc_growth(mmap_threshold: int = 1 << 20, arena_max: int = 2) -> bo
     for env, option in _ENV.items():
         if env in os.environ:  # the user's explicit choice stays
             wanted.pop(option)
-    return all(libc.mallopt(option, value) == 1 for option, value in wanted.items())
+    done = all(libc.mallopt(option, value) == 1 for option, value in wanted.items())
+    if done and M_MMAP_THRESHOLD in wanted:
+        _limited["mmap_threshold"] = mmap_threshold
+    return done
+
+
+@contextlib.contextmanager
+def learner_heap(mmap_threshold: int = 512 << 20) -> Iterator[None]:
+    """While a learner update runs: a high mmap threshold, so its large activations are
+    reused from the heap instead of being mapped, page-faulted and unmapped on every
+    allocation (~20% of a SmolLM2 update on the 2-core box: 49 -> 41 s, same process,
+    alternating); afterwards the threshold `limit_malloc_growth` set comes back and
+    `malloc_trim` returns the freed heap to the system, which keeps the bound on memory.
+    Does nothing unless `limit_malloc_growth` set the threshold."""
+    if "mmap_threshold" not in _limited:
+        yield
+        return
+    libc = ctypes.CDLL(None)
+    libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)
+    try:
+        yield
+    finally:
+        libc.mallopt(M_MMAP_THRESHOLD, _limited["mmap_threshold"])
+        libc.malloc_trim(0)
 
 
 def _is_glibc() -> bool:

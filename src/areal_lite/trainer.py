@@ -33,7 +33,7 @@ from areal_lite.rollout.controller import EpisodeResult, GroupResult, RolloutCon
 from areal_lite.rollout.online import OnlineProducer
 from areal_lite.rollout.producer import GroupProducer
 from areal_lite.rollout.stack import RolloutStack, open_rollout, resolve_device
-from areal_lite.runtime import limit_malloc_growth, run_async
+from areal_lite.runtime import learner_heap, limit_malloc_growth, run_async
 from areal_lite.train.algorithms import overlong_penalty
 from areal_lite.train.checkpoint import (
     load_latest_checkpoint,
@@ -203,8 +203,9 @@ class Trainer:
         groups, start_versions = await run.producer.next_batch()
         t1 = time.perf_counter()
         samples = [self._shape_rewards(g.samples) for g in groups]
-        stats = await run_learner(run.cores, run.stack.engine, run.learner.train_step, samples,
-                                  current_version=self.version)
+        with learner_heap():
+            stats = await run_learner(run.cores, run.stack.engine, run.learner.train_step,
+                                      samples, current_version=self.version)
         t2 = time.perf_counter()
         paused_s = await run.sync(run.model, self.version + 1)
         self.version += 1

@@ -8,11 +8,11 @@ import httpx2
 import openai
 import pytest
 from openai import AsyncOpenAI
+from proxy_support import Env, Script, make_cfg, stop_string_stack  # noqa: F401
 
 from areal_lite.export import export_concat, export_individual
 from areal_lite.rollout.stack import open_rollout
 from areal_lite.testing.fake_sglang.server import FakeSGLangServer
-from proxy_support import Env, Script, make_cfg, stop_string_stack  # noqa: F401
 
 
 async def test_single_turn_records_exact_tokens(env, tiny_tokenizer):

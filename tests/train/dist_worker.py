@@ -55,7 +55,10 @@ def make_groups(case: str = "") -> list[list[Sample]]:
 
 def make_learner(model, case: str, dist=None) -> Learner:
     spec = CASES[case]
-    return Learner(model, cfg=LearnerConfig(**spec["cfg"]), algo=AlgorithmConfig(**spec["algo"]),
+    # FSDP2 ranks take the plain forward (train/forward.py's split is off under sharding);
+    # the 1-process reference does too, so the comparison isolates the sharding
+    return Learner(model, cfg=LearnerConfig(**spec["cfg"], fast_forward=False),
+                   algo=AlgorithmConfig(**spec["algo"]),
                    pad_token_id=0, max_new_tokens=40, dist=dist)
 
 

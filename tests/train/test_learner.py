@@ -214,7 +214,7 @@ def test_gradient_accumulation_invariance(model, loss_agg):
         results.append((grads, stats, dict(learner.model.named_parameters())))
     (g1, s1, p1), (g8, s8, p8) = results
     assert s1["num_updates"] == s8["num_updates"] == 1
-    assert s1["loss"] == pytest.approx(s8["loss"], rel=1e-5, abs=1e-7)
+    assert s1["loss"] == pytest.approx(s8["loss"], rel=1e-5, abs=1e-6)  # ~0: float noise
     assert s1["kl"] == pytest.approx(s8["kl"], abs=1e-7)
     assert g1.keys() == g8.keys() and g1
     for name in g1:

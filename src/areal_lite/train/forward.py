@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 _ENTROPY_CHUNK = 1024  # rows of [rows, V] logits per entropy chunk (bounds memory)
+_MICROBATCH_OVERHEAD = 32  # tokens' worth of fixed cost per micro-batch (launches, Python)
 
 
 # --------------------------------------------------------------------------- the split
@@ -119,24 +120,33 @@ def _clusters(ids: Sequence[Sequence[int]]) -> list[tuple[list[int], int]]:
 
 def _cut(ids: Sequence[Sequence[int]], rows: list[int], prefix: int, budget: int,
          packing: bool, min_prefix: int) -> list[list[int]]:
-    """Greedy micro-batches of `rows` (all sharing `prefix`) under the cost budget;
-    longest rows first with `packing`, else in index order."""
+    """Micro-batches of `rows` (all sharing `prefix`) of least total cost: longest rows
+    first with `packing`, else in index order, split where a split saves more padding
+    than the prefix it recomputes (plus `_MICROBATCH_OVERHEAD` per micro-batch); each
+    within `budget` unless it is a single row. Exact dynamic programme over the splits."""
     rows = sorted(rows, key=lambda i: (-len(ids[i]), i)) if packing else sorted(rows)
+    n = len(rows)
+    best = [0] + [None] * n  # best[k]: least cost of rows[:k]; start[k]: where its last mb starts
+    start = [0] * (n + 1)
+    for end in range(1, n + 1):
+        width = shortest = len(ids[rows[end - 1]])
+        for begin in range(end - 1, -1, -1):  # the micro-batch rows[begin:end]
+            length = len(ids[rows[begin]])
+            width, shortest = max(width, length), min(shortest, length)
+            shared = min(prefix, shortest - 1)
+            shared = shared if shared >= min_prefix and end - begin > 1 else 0
+            cost = _cost(shared, width, end - begin)
+            if cost > budget and end - begin > 1:
+                break  # longer micro-batches only cost more
+            total = best[begin] + cost + _MICROBATCH_OVERHEAD
+            if best[end] is None or total < best[end]:
+                best[end], start[end] = total, begin
     out: list[list[int]] = []
-    current: list[int] = []
-    width = 0
-    for i in rows:
-        new_width = max(width, len(ids[i]))
-        shared = min([prefix] + [len(ids[r]) - 1 for r in current] + [len(ids[i]) - 1])
-        shared = shared if shared >= min_prefix else 0
-        if current and _cost(shared, new_width, len(current) + 1) > budget:
-            out.append(current)
-            current, new_width = [], len(ids[i])
-        current.append(i)
-        width = new_width
-    if current:
-        out.append(current)
-    return out
+    end = n
+    while end > 0:
+        out.append(rows[start[end]:end])
+        end = start[end]
+    return out[::-1]
 
 
 def prefix_microbatches(ids: Sequence[Sequence[int]], budget: int, packing: bool = True,
