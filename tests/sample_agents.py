@@ -70,6 +70,24 @@ class FailingAgent:
         return 1
 
 
+class UnpicklableErrorAgent:
+    """Subprocess style: raises the SDK's BadRequestError (needs keyword arguments, so
+    it does not unpickle in the parent) when asked to; otherwise one call, reward 1."""
+
+    async def run(self, data, **kwargs):
+        import httpx
+        import openai
+
+        if data.get("fail"):
+            response = httpx.Response(400, request=httpx.Request("POST", "http://x/v1"))
+            raise openai.BadRequestError("bad on purpose", response=response, body=None)
+        client = OpenAI(base_url=os.environ["OPENAI_BASE_URL"],
+                        api_key=os.environ["OPENAI_API_KEY"], max_retries=0)
+        client.chat.completions.create(
+            model="default", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        return 1
+
+
 class BadRewardAgent:
     async def run(self, data, **kwargs):
         await _client(kwargs).chat.completions.create(

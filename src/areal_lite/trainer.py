@@ -203,7 +203,10 @@ class Trainer:
         groups, start_versions = await run.producer.next_batch()
         t1 = time.perf_counter()
         samples = [self._shape_rewards(g.samples) for g in groups]
-        with learner_heap():
+        # synchronous RL only: the engine is idle during the update, so nothing else
+        # fragments the heap while the threshold is up (async runs keep the 1 MiB limit)
+        with learner_heap() if self.cfg.rollout.max_head_offpolicyness == 0 \
+                else contextlib.nullcontext():
             stats = await run_learner(run.cores, run.stack.engine, run.learner.train_step,
                                       samples, current_version=self.version)
         t2 = time.perf_counter()

@@ -151,6 +151,9 @@ def test_integer_reward(text, expected):
     ("42 is not it, 41", 0.0),
     ("\\boxed{41} but 42", 0.25),  # a boxed integer decides
     ("\\boxed{42}", 1.0),
+    ("The answer is \\boxed{} 42.", 0.0),  # the instruction's empty box copied: no credit
+    ("\\boxed{the answer} 42", 0.0),
+    ("\\boxed{42", 0.0),  # an unclosed box is not an unboxed answer either
 ])
 def test_integer_reward_unboxed(text, expected):
     assert integer_reward(text, "#### 42", format_reward=0.25, unboxed_reward=0.5) == expected

@@ -51,3 +51,16 @@ def test_guardless_script_fails_fast_naming_the_guard(tiny_model_dir, tmp_path, 
         assert 'add `if __name__ == "__main__":`' in proc.stderr or (
             'no `if __name__ == "__main__":` guard' in proc.stderr), proc.stderr[-3000:]
         assert "a subproc agent worker started a training run" in proc.stderr
+
+
+def test_pool_workers_ignore_ctrl_c():
+    """SIGINT (the terminal's Ctrl-C reaches the whole process group) does not kill a
+    subproc agent worker: the parent cancels the episodes, the pool stays whole."""
+    import signal
+
+    from areal_lite.rollout.agent import make_subproc_pool
+
+    with make_subproc_pool(1) as pool:
+        pid = pool.submit(os.getpid).result(timeout=60)
+        os.kill(pid, signal.SIGINT)
+        assert pool.submit(os.getpid).result(timeout=60) == pid

@@ -51,6 +51,24 @@ async def test_subproc_agent_reads_env_and_uses_sync_client(fake, tiny_model_dir
     assert [ep.reward for ep in group.episodes] == [1.0, 1.0]
 
 
+async def test_subproc_error_that_does_not_unpickle_fails_only_its_episode(fake,
+                                                                          tiny_model_dir,
+                                                                          caplog):
+    """openai.BadRequestError cannot be rebuilt in the parent: it must not break the
+    pool (which would fail every episode); its episode fails, naming it, the rest run."""
+    cfg = make_cfg(tiny_model_dir, fake.url, "rollout.agent.mode=subproc",
+                   "rollout.agent.subproc_max_workers=2")
+    async with open_rollout(cfg, sample_agents.UnpicklableErrorAgent) as stack:
+        bad, good = await asyncio.gather(stack.controller.run_episode({"fail": True}),
+                                         stack.controller.run_episode({}))
+        after = await stack.controller.run_episode({})
+    assert bad.error == "exception:RuntimeError"
+    logged = "\n".join(r.getMessage() + str(r.exc_info) for r in caplog.records)
+    assert "openai.BadRequestError: bad on purpose" in logged
+    assert not good.failed and good.reward == 1.0
+    assert not after.failed and after.reward == 1.0
+
+
 async def test_legacy_module_runs_in_a_subprocess(fake, tiny_model_dir):
     cfg = make_cfg(tiny_model_dir, fake.url, "agent_module_path=legacy_agent",
                    "rollout.agent.subproc_max_workers=1")

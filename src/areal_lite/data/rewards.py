@@ -115,8 +115,10 @@ def integer_reward(completion_text: str, reference_answer: str, format_reward: f
                    unboxed_reward: float = 0.0) -> float:
     """1.0 if the last \\boxed{} of the completion holds the reference integer ("42",
     "1,234", "42.0"; the reference may be a GSM8K answer "... #### 42"); `format_reward`
-    if it holds some other integer; with no boxed integer, `unboxed_reward` if the last
-    number of the text is the reference, else 0.0. Pure and fast."""
+    if it holds some other integer; with no \\boxed{} at all, `unboxed_reward` if the last
+    number of the text is the reference, else 0.0. A box left empty or holding no integer
+    ("The answer is \\boxed{} 29", the instruction copied) earns nothing: it must not be
+    paid as an unboxed answer, or a policy learns to copy the empty box. Pure and fast."""
     ref = gsm8k_final_answer(reference_answer)
     if not _INTEGER.fullmatch(ref):
         raise ValueError(f"integer_reward needs an integer reference answer, got {reference_answer!r}")
@@ -124,6 +126,8 @@ def integer_reward(completion_text: str, reference_answer: str, format_reward: f
     value = _NOISE.sub("", boxed) if boxed is not None else ""
     if _INTEGER.fullmatch(value):
         return 1.0 if int(float(value)) == int(float(ref)) else format_reward
+    if boxed is not None or "\\boxed" in completion_text:
+        return 0.0
     numbers = _NUMBER.findall(completion_text.replace(",", ""))
     return unboxed_reward if numbers and float(numbers[-1]) == float(ref) else 0.0
 

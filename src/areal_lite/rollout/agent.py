@@ -18,7 +18,9 @@ import inspect
 import math
 import numbers
 import os
+import pickle
 import sys
+import traceback
 import types
 from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
@@ -159,16 +161,37 @@ def check_reward(value: Any) -> Reward:
 # --- subprocess mode ---------------------------------------------------------------
 
 def _subproc_episode(workflow: Any, data: dict, base_url: str, api_key: str) -> Any:
-    """Runs in a pool worker: one episode at a time, so the env vars are its own."""
+    """Runs in a pool worker: one episode at a time, so the env vars are its own.
+
+    An exception the parent could not unpickle (e.g. `openai.BadRequestError`, whose
+    constructor needs keyword arguments) would break the whole pool and fail every
+    running episode; it is sent back as a RuntimeError naming its type, message and
+    traceback instead, so it fails its own episode only."""
     os.environ["OPENAI_BASE_URL"] = base_url
     os.environ["OPENAI_API_KEY"] = api_key
-    if takes_extra_kwargs(workflow):
-        result = workflow.run(data, base_url=base_url, api_key=api_key)
-    else:
-        result = workflow.run(data)
-    if inspect.isawaitable(result):
-        return asyncio.run(_await(result))
-    return result
+    try:
+        if takes_extra_kwargs(workflow):
+            result = workflow.run(data, base_url=base_url, api_key=api_key)
+        else:
+            result = workflow.run(data)
+        if inspect.isawaitable(result):
+            return asyncio.run(_await(result))
+        return result
+    except Exception as e:
+        if _round_trips(e):
+            raise
+        trace = "".join(traceback.format_exception(e))
+        raise RuntimeError(f"{type(e).__module__}.{type(e).__qualname__}: {e}\n"
+                           f"(worker traceback)\n{trace}") from None
+
+
+def _round_trips(exc: BaseException) -> bool:
+    """Whether `exc` survives pickling to the parent and back."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:  # noqa: BLE001 - any failure means the parent could not rebuild it
+        return False
+    return True
 
 
 async def _await(awaitable: Any) -> Any:
@@ -191,7 +214,17 @@ def make_subproc_pool(max_workers: int) -> ProcessPoolExecutor:
     # `parent_process()` is set and before `__main__` is replaced
     if getattr(mp.current_process(), "_inheriting", False) and "__mp_main__" in sys.modules:
         raise RuntimeError(f"a subproc agent worker started a training run: {_MAIN_GUARD_HINT}")
-    return ProcessPoolExecutor(max_workers=max_workers, mp_context=mp.get_context("spawn"))
+    return ProcessPoolExecutor(max_workers=max_workers, mp_context=mp.get_context("spawn"),
+                               initializer=_ignore_sigint)
+
+
+def _ignore_sigint() -> None:
+    """Pool workers leave Ctrl-C to the parent: it cancels their episodes (counted as
+    cancelled) and closes the pool; a worker killed by the terminal's SIGINT would
+    instead break the pool and fail every running episode."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _env_var_hint(exc: KeyError) -> RuntimeError | None:
