@@ -105,8 +105,8 @@ class LearnerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_tokens_per_microbatch: PosInt = 4096  # padded tokens (rows x longest row) per forward
     packing: bool = True  # sort by length and fill micro-batches up to the token budget
     # rows sharing a prompt run it once (its cache expanded to the rows) and the LM head
-    # runs only where a token is trained; exact (train/forward.py); off = plain forward
-    fast_forward: bool = True
+    # runs only where a token is trained (train/forward.py)
+    fast_forward: bool = True  # exact, same values and gradients; false = plain forward
     ppo_epochs: PosInt = 1  # passes over each batch
     num_minibatches: PosInt = 1  # optimizer steps per pass (the batch is split in this many)
     recompute_proximal: bool = True  # proximal logprobs from current weights; False = behaviour
