@@ -26,18 +26,6 @@ from areal_lite.types import Sample
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def base_model(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-
-
-@pytest.fixture
-def model(base_model):
-    return copy.deepcopy(base_model)
-
-
 # ----------------------------------------------------------------------- micro-batches
 
 _prompts = st.lists(st.lists(st.integers(0, 3), min_size=0, max_size=6), min_size=1, max_size=4)

@@ -25,18 +25,6 @@ from areal_lite.types import GenerateRequest, Sample, SamplingParams
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def base_model(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-
-
-@pytest.fixture
-def model(base_model):
-    return copy.deepcopy(base_model)
-
-
 def make_learner(model, *, ref_model=None, algo=None, **cfg) -> Learner:
     return Learner(model, cfg=LearnerConfig(**cfg), algo=algo or AlgorithmConfig(),
                    ref_model=ref_model, pad_token_id=0)
