@@ -242,6 +242,7 @@ class Bench:
     canned_body: bytes  # the canned chat completion
     max_connections: int  # connection pool size of every shared HTTP client
     profile: str | None  # variant to profile with cProfile, if any
+    profile_out: str | None = None  # also write the raw stats here (pstats format)
 
     def tcp_client(self) -> httpx2.AsyncClient:
         n = self.max_connections
@@ -272,6 +273,8 @@ class Bench:
         await self._quiesce()
         if profiler is not None:
             print_profile(profiler, variant, num_agents)
+            if self.profile_out:
+                profiler.dump_stats(self.profile_out)
         return row
 
     async def _raw_row(self, num_agents: int) -> dict:
@@ -425,6 +428,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run proxy_new_client only up to this concurrency: every new SDK "
                    "client costs ~20-60 ms of CPU, so 4096 agents take minutes to start")
     p.add_argument("--profile", default=None, help="cProfile this variant, stats to stderr")
+    p.add_argument("--profile-out", default=None,
+                   help="with --profile: also dump the raw stats to this file (pstats)")
     p.add_argument("--quick", action="store_true", help="tiny run for smoke tests")
     args = p.parse_args(argv)
     args.agents = [int(a) for a in args.agents.split(",")]
@@ -465,7 +470,8 @@ async def run_benchmark(args: argparse.Namespace) -> list[dict]:
                               servers=servers, stack=stack, agent=agent,
                               floor_bodies=floor_bodies(tok, args.turns, args.max_tokens, REPLY),
                               canned_body=spec["canned"].encode(),
-                              max_connections=args.max_connections, profile=args.profile)
+                              max_connections=args.max_connections, profile=args.profile,
+                              profile_out=args.profile_out)
                 for num_agents in args.agents:
                     variants = [v for v in args.variants if v != "proxy_new_client"
                                 or num_agents <= args.new_client_max_agents]

@@ -217,6 +217,7 @@ class SGLangConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     connect_timeout_s: PosFloat = 10.0  # opening a connection, seconds
     max_retries: NonNegInt = 3  # retries of a failed request at least (more within outage_timeout_s)
     max_connections: PosInt = 1024  # keep-alive pool size over all servers
+    lean_http: bool = True  # plain /generate over our own HTTP/1.1 pool (less CPU); false = aiohttp
     weight_update: Literal["tensor", "distributed", "disk"] = "disk"  # how new weights arrive
     tp_size: PosInt = 1  # tensor-parallel size of each server
     weight_group_host: str = ""  # trainer address the servers reach (distributed); "" = 127.0.0.1

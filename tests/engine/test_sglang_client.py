@@ -152,6 +152,24 @@ async def test_retries_same_server_then_succeeds(http):
     assert res.output_ids == ref.output_ids
 
 
+async def test_lean_and_aiohttp_generate_agree(http):
+    """The lean HTTP/1.1 pool (the default for plain generate) and aiohttp give the same
+    result, body and errors; the lean one reuses its connections."""
+    async with fakes() as [fake]:
+        lean, plain = (engine(http, [fake], max_context_len=4096, lean_http=flag)
+                       for flag in (True, False))
+        assert lean._http1 is not None and plain._http1 is None
+        results = [await e.generate(request(rid=f"r{i}", seed=7)) for i, e in
+                   enumerate((lean, plain, lean))]
+        bodies = fake.state.last_bodies["/generate"]
+        with pytest.raises(ContextLengthExceeded):
+            await lean.generate(request(rid="long", ids=[1] * 5000))
+        await lean.close()
+    assert results[0] == results[1] == results[2]
+    assert bodies["rid"] == "r2" and bodies["return_logprob"] is True
+    assert sum(len(q) for q in lean._http1._idle.values()) == 0  # closed with the engine
+
+
 async def test_failover_rebinds_session(http):
     async with fakes(2) as (s0, s1):
         eng = engine(http, [s0, s1], max_context_len=4096)

@@ -262,3 +262,73 @@ def test_chat_template_kwargs_and_stop_tokens():
     assert r.decode_output([0, 1, 3], matched_stop=3) == "ab"
     assert r.decode_output([0, 1, 2, 3], matched_stop="cd") == "ab"
     assert r.decode_output([0, 7, 1]) == "ahb"
+
+
+# --- the direct paths (DirectTokenizer): the same text and tokens as the wrappers ------
+
+_texts = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40)
+_calls = st.lists(st.fixed_dictionaries({
+    "type": st.just("function"), "id": st.text(max_size=5),
+    "function": st.fixed_dictionaries({
+        "name": st.sampled_from(["add", "get_weather"]),
+        "arguments": st.one_of(st.dictionaries(st.sampled_from("abc"), st.integers()),
+                               _texts)})}), max_size=2)
+_turns = st.lists(st.one_of(
+    st.fixed_dictionaries({"role": st.just("user"), "content": _texts}),
+    st.fixed_dictionaries({"role": st.just("assistant"), "content": _texts},
+                          optional={"tool_calls": _calls, "reasoning_content": _texts}),
+    st.fixed_dictionaries({"role": st.just("tool"), "content": _texts},
+                          optional={"tool_call_id": st.text(max_size=5)})), min_size=1, max_size=5)
+
+
+@settings(max_examples=150, deadline=None)
+@given(system=st.none() | _texts, turns=_turns, tools=st.sampled_from([None, TOOLS]),
+       gen=st.booleans(), kwargs=st.sampled_from([{}, {"enable_thinking": False}]))
+def test_direct_render_is_apply_chat_template(renderer, tiny_tokenizer, system, turns, tools,
+                                              gen, kwargs):
+    msgs = normalize_messages(([{"role": "system", "content": system}] if system is not None
+                               else []) + turns)
+    assert renderer._direct.fast_render  # else this compares the wrapper with itself
+    want = tiny_tokenizer.apply_chat_template(msgs, tools=tools, tokenize=False,
+                                              add_generation_prompt=gen, **kwargs)
+    assert renderer._direct.render(msgs, tools, gen, kwargs) == want
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=60)
+       | st.lists(st.sampled_from(["<|im_end|>", "<|im_start|>", "<tool_call>", " ", "  a",
+                                   "\n", "12", "é"]), max_size=8).map("".join))
+def test_direct_encode_and_decode_are_the_wrappers(renderer, tiny_tokenizer, text):
+    assert renderer._direct.fast_codec
+    want = tiny_tokenizer.encode(text, add_special_tokens=False)
+    assert renderer.encode(text) == want
+    assert renderer.encode(text) == want  # the cached answer too
+    assert renderer.decode(want) == tiny_tokenizer.decode(
+        want, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def test_cached_encodings_are_fresh_lists(renderer):
+    ids = renderer.encode("<|im_start|>user\nhello there<|im_end|>\n")
+    ids.append(-1)
+    assert renderer.encode("<|im_start|>user\nhello there<|im_end|>\n")[-1] != -1
+    long = "x" * 5000  # past the cache's length bound: encoded each time, still right
+    assert renderer.encode(long) == renderer.encode(long)
+
+
+def test_direct_paths_fall_back_to_wrappers_that_differ(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    class Odd(type(AutoTokenizer.from_pretrained(tiny_model_dir))):
+        """A tokenizer whose own wrappers do something the direct paths would not."""
+
+        def apply_chat_template(self, conversation, **kwargs):
+            return super().apply_chat_template(conversation, **kwargs) + "!"
+
+        def encode(self, text, **kwargs):
+            return [*super().encode(text, **kwargs), 0]
+
+    odd = Odd.from_pretrained(tiny_model_dir)
+    r = ChatRenderer(odd)
+    assert not r._direct.fast_render and not r._direct.fast_codec
+    assert r.render_text([{"role": "user", "content": "hi"}]).endswith("!")
+    assert r.encode("hi")[-1] == 0

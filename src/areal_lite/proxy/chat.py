@@ -162,6 +162,12 @@ class ChatCompletions:
                                sampling=sampling, session_id=session.id)
 
     async def _generate_n(self, session, req, prompt, rid) -> list[GenerateResult]:
+        if req.n == 1:  # the common case, without a task per choice
+            try:
+                return [await self.engine.generate(self._gen_request(session, req, prompt,
+                                                                     rid, 0))]
+            except EngineError as e:
+                raise engine_api_error(e) from None
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(self.engine.generate(

@@ -198,8 +198,7 @@ class InProcessTransport(httpx2.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         """The same checks in the same order as over TCP (refuse, size, dispatch)."""
         preq = ProxyRequest(method=request.method, path=request.url.path,
-                            headers={k.lower(): v for k, v in request.headers.items()},
-                            body=b"")
+                            headers=_header_dict(request.headers.raw), body=b"")
         presp = self._refuse(preq)
         if presp is None:
             preq.body = await request.aread()
@@ -212,3 +211,13 @@ class InProcessTransport(httpx2.AsyncBaseTransport):
                                    request=request)
         return httpx2.Response(presp.status, headers=presp.headers,
                                stream=_ChunkStream(presp.stream), request=request)
+
+
+def _header_dict(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Lower-case name -> value, repeated names joined with ", " (as httpx's `items()`,
+    without its per-item charset checks: latin-1 decodes any bytes)."""
+    out: dict[str, str] = {}
+    for k, v in raw:
+        key, value = k.decode("latin-1").lower(), v.decode("latin-1")
+        out[key] = f"{out[key]}, {value}" if key in out else value
+    return out

@@ -18,6 +18,7 @@ tokens are rarely the canonical tokenization of their text).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
@@ -27,8 +28,8 @@ import msgspec
 
 from areal_lite.types import CompletionNode
 
-__all__ = ["ChatRenderer", "ChatTokenizer", "Prompt", "hermes_tool_fallback",
-           "normalize_messages"]
+__all__ = ["ChatRenderer", "ChatTokenizer", "DirectTokenizer", "Prompt",
+           "hermes_tool_fallback", "normalize_messages"]
 
 # OpenAI roles -> the roles chat templates know.
 _ROLES = {"system": "system", "developer": "system", "user": "user",
@@ -196,6 +197,127 @@ def hermes_tool_fallback(messages: list[dict], tools: list[dict]) -> list[dict]:
     return out
 
 
+# ----------------------------------------------------------------------------- fast paths
+
+# A conversation that exercises every template branch a plain chat takes, and a text with
+# the cases tokenizers split differently (spaces, tabs, unicode, digits, a special token).
+_PROBE_CHAT = [{"role": "user", "content": "What is  2 + 3?"},
+               {"role": "assistant", "content": "It is 5.\n"},
+               {"role": "user", "content": "And\tthen  üñï 你好?"}]
+_PROBE_TOOLS = [{"type": "function", "function": {
+    "name": "add", "description": "Add two numbers.",
+    "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}}}]
+_CACHED_CHARS = 4096  # texts up to this long are kept (LRU) with their token ids
+_PROBE_TEXT = "Hello, world!  two  spaces\n\ttab  üñïcödé 你好 12345 "
+
+
+class DirectTokenizer:
+    """What the renderer asks of a tokenizer, without the per-call overhead of
+    Hugging Face's wrappers, where that is provably the same.
+
+    - **render**: the chat template compiled once and rendered straight, with the
+      tokenizer's special tokens; `apply_chat_template(tokenize=False)` also re-copies
+      every message, argument and template variable on each call (4x the CPU of the
+      render itself). Our messages are already plain JSON data (`normalize_messages`),
+      which is what those copies produce, and reasoning fields get the same aliases.
+    - **encode / decode**: the Rust tokenizer called directly (`backend_tokenizer`),
+      skipping the Python batching layer around it; encodings of texts up to
+      `_CACHED_CHARS` are kept in an LRU (tokenizing is a pure function of the text).
+
+    Each fast path is checked against the wrapper at construction on a probe
+    conversation and text; one that differs (or a tokenizer without these parts) keeps
+    the wrapper. Thread-safe (the LRU is `functools.lru_cache`).
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        # has tools -> the compiled template, once it rendered the probes as the wrapper does
+        self._templates: dict[bool, Any] = {}
+        self._backend = None
+        # the same texts come back all the time: a group's shared prompt, an agent's fixed
+        # feedback turn ("<|im_end|>...user\nTry again...assistant\n" after each reply)
+        self._encode_cached = functools.lru_cache(maxsize=4096)(
+            lambda text: tuple(self._encode(text)))
+        self._verify_templates()
+        self.fast_codec = self._verify_codec()
+
+    @property
+    def fast_render(self) -> bool:
+        return False in self._templates
+
+    def render(self, msgs: list[dict], tools: list[dict] | None, add_generation_prompt: bool,
+               kwargs: Mapping[str, Any]) -> str:
+        template = self._templates.get(tools is not None)
+        if template is None:
+            return self.tokenizer.apply_chat_template(
+                msgs, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt,
+                **kwargs)
+        return template.render(messages=self._alias(msgs), tools=tools, documents=None,
+                               add_generation_prompt=add_generation_prompt,
+                               **{**self._special, **kwargs})
+
+    def _verify_templates(self) -> None:
+        try:
+            from transformers.utils.chat_template_utils import (
+                _alias_reasoning_fields,
+                _compile_jinja_template,
+            )
+
+            self._alias = _alias_reasoning_fields
+            self._special = dict(self.tokenizer.special_tokens_map)
+        except Exception:  # not a Hugging Face tokenizer (or another transformers)
+            return
+        for tools in (None, _PROBE_TOOLS):
+            try:
+                template = _compile_jinja_template(self.tokenizer.get_chat_template(None, tools))
+                for gen in (True, False):
+                    want = self.tokenizer.apply_chat_template(
+                        _PROBE_CHAT, tools=tools, tokenize=False, add_generation_prompt=gen)
+                    got = template.render(messages=self._alias(_PROBE_CHAT), tools=tools,
+                                          documents=None, add_generation_prompt=gen,
+                                          **self._special)
+                    if got != want:
+                        raise ValueError("the direct render differs")
+                self._templates[tools is not None] = template
+            except Exception:  # any doubt: the wrapper it is
+                pass
+
+    def encode(self, text: str) -> list[int]:
+        if len(text) <= _CACHED_CHARS:
+            return list(self._encode_cached(text))
+        return self._encode(text)
+
+    def _encode(self, text: str) -> list[int]:
+        if self._backend is None:
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return self._backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        if self._backend is None:
+            return self.tokenizer.decode(ids, skip_special_tokens=False,
+                                         clean_up_tokenization_spaces=False)
+        return self._backend.decode(ids, skip_special_tokens=False)
+
+    def _verify_codec(self) -> bool:
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None or getattr(backend, "truncation", None) or getattr(
+                backend, "padding", None):
+            return False  # the wrapper turns the backend's truncation/padding off per call
+        try:
+            eos = getattr(self.tokenizer, "eos_token", None)
+            text = _PROBE_TEXT + (eos if isinstance(eos, str) else "") + " tail"
+            want = list(self.tokenizer.encode(text, add_special_tokens=False))
+            self._backend = backend
+            ok = (self._encode(text) == want and self.decode(want) == self.tokenizer.decode(
+                want, skip_special_tokens=False, clean_up_tokenization_spaces=False))
+        except Exception:
+            ok = False
+        if not ok:
+            self._backend = None
+        self._encode_cached.cache_clear()
+        return ok
+
+
 # ----------------------------------------------------------------------------- renderer
 
 class ChatRenderer:
@@ -213,9 +335,10 @@ class ChatRenderer:
                  chat_template_kwargs: dict | None = None,
                  stop_token_ids: Iterable[int] = (),
                  max_message_chars: int = 1 << 20, max_prompt_chars: int = 1 << 22,
-                 tool_fallback: bool = False) -> None:
+                 tool_fallback: bool = False, _direct: DirectTokenizer | None = None) -> None:
         self.tool_fallback = tool_fallback
         self.tokenizer = tokenizer
+        self._direct = _direct if _direct is not None else DirectTokenizer(tokenizer)
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.max_message_chars, self.max_prompt_chars = max_message_chars, max_prompt_chars
         eos = getattr(tokenizer, "eos_token_id", None)
@@ -228,7 +351,7 @@ class ChatRenderer:
                             stop_token_ids=self.stop_token_ids,
                             max_message_chars=self.max_message_chars,
                             max_prompt_chars=self.max_prompt_chars,
-                            tool_fallback=self.tool_fallback)
+                            tool_fallback=self.tool_fallback, _direct=self._direct)
 
     def render_text(self, messages: list[dict], tools: list[dict] | None = None,
                     add_generation_prompt: bool = True) -> str:
@@ -241,9 +364,8 @@ class ChatRenderer:
         if tools and self.tool_fallback:
             msgs, tools = hermes_tool_fallback(msgs, tools), None
         try:
-            text = self.tokenizer.apply_chat_template(
-                msgs, tools=tools or None, tokenize=False,
-                add_generation_prompt=add_generation_prompt, **self.chat_template_kwargs)
+            text = self._direct.render(msgs, tools or None, add_generation_prompt,
+                                       self.chat_template_kwargs)
         except jinja2.TemplateError as e:
             raise ValueError(f"the model's chat template rejected these messages: {e}") from e
         except RecursionError:  # e.g. tool schemas nested hundreds of levels deep
@@ -256,12 +378,11 @@ class ChatRenderer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; adds no BOS/EOS (the template already has them)."""
-        return list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
+        return self._direct.encode(text) if text else []
 
     def decode(self, ids: list[int]) -> str:
         """Text of `ids`, special tokens included, no whitespace clean-up."""
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False,
-                                     clean_up_tokenization_spaces=False)
+        return self._direct.decode(list(ids))
 
     def decode_output(self, ids: list[int], matched_stop: int | str | None = None) -> str:
         """The text of a completion as the client sees it: without the token (eos or

@@ -88,7 +88,9 @@ async def _open_engine(cfg: ExperimentConfig, model_dir: str, tokenizer,
                               connect_timeout_s=r.sglang.connect_timeout_s,
                               max_retries=r.sglang.max_retries,
                               outage_timeout_s=r.sglang.outage_timeout_s,
-                              api_key=r.sglang.api_key or None, tp_size=r.sglang.tp_size)
+                              api_key=r.sglang.api_key or None, tp_size=r.sglang.tp_size,
+                              lean_http=r.sglang.lean_http,
+                              max_connections=r.sglang.max_connections)
         await engine.start()
         stack.push_async_callback(engine.close)
         if fleet is not None:

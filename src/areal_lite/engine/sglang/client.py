@@ -1,7 +1,9 @@
 """engine/ SGLang client: the Engine Protocol over SGLang servers' native HTTP API.
 
-Token-in, token-out: `POST /generate` with `input_ids` and `return_logprob`, one shared
-keep-alive `aiohttp.ClientSession` (owned by the caller) for every server.
+Token-in, token-out: `POST /generate` with `input_ids` and `return_logprob`. Plain
+(non-streamed) generate calls go over a lean keep-alive HTTP/1.1 pool of our own
+(`http1.py`, a third of aiohttp's CPU per call); streams and control routes over one
+shared keep-alive `aiohttp.ClientSession` (owned by the caller) for every server.
 
 A request may run as several *segments* (server calls). `pause()` aborts every
 request in flight on the servers; each keeps its partial tokens, waits for `resume()`,
@@ -35,6 +37,7 @@ import msgspec
 from areal_lite.engine.base import EngineError, EngineUnavailable, GenerationAborted
 from areal_lite.engine.sglang.admin import SGLangAdmin
 from areal_lite.engine.sglang.control import SGLangControl
+from areal_lite.engine.sglang.http1 import Http1Pool
 from areal_lite.engine.sglang.routing import SessionRouter
 from areal_lite.engine.sglang.wire import (
     Segment,
@@ -94,6 +97,8 @@ class SGLangEngine(SGLangAdmin):
         abort_timeout_s: float = 5.0,  # limit for the best-effort abort on cancel
         unhealthy_cooldown_s: float = 5.0,  # how long routing avoids a failed server
         outage_timeout_s: float = 0.0,  # keep retrying every server call this long, seconds
+        lean_http: bool = True,  # non-streaming /generate over http1.Http1Pool, not aiohttp
+        max_connections: int = 1024,  # that pool's size over all servers
     ) -> None:
         if not urls:
             raise ValueError("SGLangEngine needs at least one server url, got []")
@@ -101,6 +106,11 @@ class SGLangEngine(SGLangAdmin):
         self._session = session
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._gen_headers = {**self._headers, "Content-Type": "application/json"}
+        self._gen_header_bytes = "".join(f"{k}: {v}\r\n" for k, v in
+                                         self._gen_headers.items()).encode("latin-1")
+        # non-streaming /generate over a lean keep-alive pool (http1.py); None = aiohttp
+        self._http1 = Http1Pool(max_connections=max_connections,
+                                connect_timeout_s=connect_timeout_s) if lean_http else None
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_s,
                                               sock_connect=connect_timeout_s)
         self._request_timeout_s = request_timeout_s
@@ -165,6 +175,8 @@ class SGLangEngine(SGLangAdmin):
         """Refuse new requests and wake paused ones (the session is the caller's)."""
         self._closed = True
         self._running.set()
+        if self._http1 is not None:
+            await self._http1.close()
 
     async def __aenter__(self) -> SGLangEngine:
         await self.start()
@@ -254,10 +266,13 @@ class SGLangEngine(SGLangAdmin):
                 try:
                     if run.url in self.router.offline:  # down, or not on current weights
                         raise _Retryable("server is down (its supervisor restarts it)")
-                    async with aclosing(self._segment(run, stream)) as segments:
-                        async for last in segments:
-                            if last.finish_reason is None and last.output_ids:
-                                yield self._chunk(last, None)
+                    if not stream and self._lean(run.url):  # one reply, no generator
+                        last = await self._post_generate(run, self._next_rid(run))
+                    else:
+                        async with aclosing(self._segment(run, stream)) as segments:
+                            async for last in segments:
+                                if last.finish_reason is None and last.output_ids:
+                                    yield self._chunk(last, None)
                     if last is None or last.finish_reason is None:
                         raise _Retryable("stream ended without a finish_reason")
                 except _Retryable as e:
@@ -302,9 +317,9 @@ class SGLangEngine(SGLangAdmin):
                           matched_stop=seg.matched if finish_reason else None)
 
     async def _segment(self, run: _Run, stream: bool) -> AsyncIterator[Segment]:
-        """POST one /generate for `run`; yield its Segment(s) (new tokens only)."""
-        rid = run.req.rid if run.num_segments == 0 else f"{run.req.rid}.{run.num_segments}"
-        run.num_segments += 1
+        """POST one /generate for `run` over aiohttp; yield its Segment(s) (new tokens
+        only)."""
+        rid = self._next_rid(run)
         body = msgspec.json.encode(
             generate_body(run.req, generated=run.generated, rid=rid, stream=stream))
         url = run.url
@@ -313,31 +328,67 @@ class SGLangEngine(SGLangAdmin):
             async with self._session.post(url + "/generate", data=body,
                                           headers=self._gen_headers,
                                           timeout=self._timeout) as resp:
-                if resp.status != 200:
-                    raw = await resp.read()
-                    if resp.status >= 500:
-                        raise _Retryable(f"HTTP {resp.status}: {raw[:300]!r}")
-                    raise generate_error(resp.status, raw, url)  # never retried
-                if stream:
+                if resp.status != 200 or not stream:
+                    yield self._plain_reply(run, url, resp.status, await resp.read())
+                else:
                     async with aclosing(self._sse_segments(resp, run)) as segments:
                         async for seg in segments:
                             yield seg
-                else:
-                    seg = parse_generate(await resp.read())
-                    self._note(run, seg)
-                    self._count_prompt(seg)
-                    run.generated.extend(seg.output_ids)
-                    yield seg
             run.rid = None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
             run.rid = None
             raise _Retryable(repr(e)) from e
         except TimeoutError as e:
-            await asyncio.shield(self._abort_quietly(url, rid))
-            run.rid = None
-            raise EngineError(f"{url}/generate gave no result within "
-                              f"{self._request_timeout_s}s (request_timeout_s)") from e
+            raise await self._timed_out(run, url, rid) from e
         self.router.report_success(url)
+
+    def _plain_reply(self, run: _Run, url: str, status: int, raw: bytes) -> Segment:
+        """The Segment of a whole (non-streamed) /generate reply; raises on an error."""
+        if status != 200:
+            if status >= 500:
+                raise _Retryable(f"HTTP {status}: {raw[:300]!r}")
+            raise generate_error(status, raw, url)  # never retried
+        seg = parse_generate(raw)
+        self._note(run, seg)
+        self._count_prompt(seg)
+        run.generated.extend(seg.output_ids)
+        return seg
+
+    async def _timed_out(self, run: _Run, url: str, rid: str) -> EngineError:
+        await asyncio.shield(self._abort_quietly(url, rid))
+        run.rid = None
+        return EngineError(f"{url}/generate gave no result within "
+                           f"{self._request_timeout_s}s (request_timeout_s)")
+
+    def _lean(self, url: str) -> bool:
+        return self._http1 is not None and self._http1.supports(url)
+
+    @staticmethod
+    def _next_rid(run: _Run) -> str:
+        rid = run.req.rid if run.num_segments == 0 else f"{run.req.rid}.{run.num_segments}"
+        run.num_segments += 1
+        return rid
+
+    async def _post_generate(self, run: _Run, rid: str) -> Segment:
+        """One non-streaming /generate over the lean HTTP/1.1 pool (http1.py); the same
+        outcomes as the aiohttp path in `_segment`."""
+        assert self._http1 is not None
+        url = run.url
+        body = msgspec.json.encode(
+            generate_body(run.req, generated=run.generated, rid=rid, stream=False))
+        run.rid = rid
+        try:
+            status, raw = await self._http1.post(url, "/generate", body, self._gen_header_bytes,
+                                                 self._request_timeout_s)
+        except ConnectionError as e:
+            run.rid = None
+            raise _Retryable(repr(e)) from e
+        except TimeoutError as e:
+            raise await self._timed_out(run, url, rid) from e
+        run.rid = None
+        seg = self._plain_reply(run, url, status, raw)
+        self.router.report_success(url)
+        return seg
 
     async def _sse_segments(self, resp: aiohttp.ClientResponse, run: _Run
                             ) -> AsyncIterator[Segment]:
