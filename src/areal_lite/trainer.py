@@ -203,10 +203,12 @@ class Trainer:
         groups, start_versions = await run.producer.next_batch()
         t1 = time.perf_counter()
         samples = [self._shape_rewards(g.samples) for g in groups]
-        # synchronous RL only: the engine is idle during the update, so nothing else
-        # fragments the heap while the threshold is up (async runs keep the 1 MiB limit)
-        with learner_heap() if self.cfg.rollout.max_head_offpolicyness == 0 \
-                else contextlib.nullcontext():
+        # the update's activations from the heap. Synchronous RL: every size (the engine is
+        # idle, nothing else fragments the heap meanwhile); asynchronous: up to 64 MiB (a
+        # micro-batch's activations, not its logits), as the engine's allocations share
+        # the heap and a high bound let a colocated run's peak RSS grow by gigabytes
+        sync = self.cfg.rollout.max_head_offpolicyness == 0
+        with learner_heap(512 << 20 if sync else 64 << 20):
             stats = await run_learner(run.cores, run.stack.engine, run.learner.train_step,
                                       samples, current_version=self.version)
         t2 = time.perf_counter()

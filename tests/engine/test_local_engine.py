@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from areal_lite.engine.base import ContextLengthExceeded, Engine, EngineError
+from areal_lite.engine.base import ContextLengthExceeded, Engine, EngineError, EngineRejected
 from areal_lite.engine.local.engine import LocalEngine
 from areal_lite.engine.local.kv import PaddedKV
 from areal_lite.engine.stats import EngineStats, engine_metrics
@@ -155,8 +155,10 @@ async def test_kv_budget_queues_requests(model, tok, prompts):
             return out
 
         outs = await asyncio.gather(*[one(i) for i in range(5)])
-        with pytest.raises(EngineError, match="max_kv_tokens"):
+        with pytest.raises(EngineRejected, match="max_kv_tokens"):  # the client's: a 400
             await eng.generate(req(list(p) * 3, max_new_tokens=6))
+        with pytest.raises(EngineRejected, match="input_ids is empty"):
+            await eng.generate(req([], max_new_tokens=6))
     assert all(o == outs[0] for o in outs) and len(outs[0]) == 6
     assert max(r for r, _ in observed) == 2
     assert max(w for _, w in observed) > 0  # some had to queue

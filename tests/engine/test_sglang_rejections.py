@@ -67,6 +67,8 @@ async def test_a_rejection_never_carries_the_engine_address(aiohttp_session):
     ("see https://node-3.cluster:30000/generate now", "see <engine> now"),
     ("host gpu-node-1:30001 refused", "host <engine> refused"),
     ("at [::1]:8000 and 127.0.0.1:8", "at <engine> and 127.0.0.1:8"),  # 1-digit: not a port
+    ("at localhost:30000 or node7:8080", "at <engine> or <engine>"),
+    ("top_k:40 and step:12 and ratio 3:45 stay", "top_k:40 and step:12 and ratio 3:45 stay"),
     ("top_p must be in (0.0, 1.0], got 0.0.", "top_p must be in (0.0, 1.0], got 0.0."),
 ])
 def test_scrub_addresses(text, scrubbed):

@@ -40,7 +40,10 @@ class ContextLengthExceeded(EngineError):
 _ADDRESS = re.compile(
     r"[a-zA-Z][a-zA-Z0-9+.-]*://\S+"  # a URL
     r"|\[[0-9a-fA-F:.]+\](?::\d+)?"  # [IPv6]:port
-    r"|\b[\w.-]+:\d{2,5}\b")  # host:port
+    # host:port, where the host looks like one: dotted, localhost, or a node name with a
+    # digit or a dash and a 4-5 digit port ("gpu-node-1:30001"); not "top_k:40", "step:12"
+    r"|\b(?:localhost|[\w-]+(?:\.[\w-]+)+):\d{2,5}\b"
+    r"|\b[a-zA-Z][\w]*(?:-[\w]+|\d)+:\d{4,5}\b")
 MAX_REJECTION_CHARS = 500  # of the engine's message kept (SGLang may echo the whole prompt)
 
 

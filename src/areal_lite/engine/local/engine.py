@@ -13,7 +13,7 @@ consumer's row (and KV) is freed at the next step.
 KV budget (`max_kv_tokens`): the padded cache holds ``rows x longest row`` tokens, so a
 request is admitted only while ``(running + 1) * max(prompt + max_new_tokens over the
 batch) <= max_kv_tokens`` -- a bound on the real (padded) memory. Requests beyond it
-queue (FIFO). A request that alone exceeds it is rejected with `EngineError`.
+queue (FIFO). A request that alone exceeds it is rejected with `EngineRejected` (a 400).
 
 Weights: `pause()` lets the current step finish and runs no more; in-flight requests keep
 their rows and KV. `update_weights` copies tensors into the existing parameters in place
@@ -36,7 +36,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from areal_lite.engine.base import ContextLengthExceeded, EngineError, EngineUnavailable
+from areal_lite.engine.base import (
+    ContextLengthExceeded,
+    EngineError,
+    EngineRejected,
+    EngineUnavailable,
+)
 from areal_lite.engine.local.batch import RunningBatch, Seq
 from areal_lite.engine.local.prefix import PrefixCache
 from areal_lite.engine.local.sampling import validate_params
@@ -282,14 +287,14 @@ class LocalEngine:
         p = req.sampling
         validate_params(p)
         if not req.input_ids:
-            raise EngineError(f"request {req.rid}: input_ids is empty")
+            raise EngineRejected(f"request {req.rid}: input_ids is empty")
         reserved = len(req.input_ids) + p.max_new_tokens
         if reserved > self._max_context_len:
             raise ContextLengthExceeded(
                 f"request {req.rid}: prompt ({len(req.input_ids)} tokens) + max_new_tokens "
                 f"({p.max_new_tokens}) = {reserved} > max_context_len {self._max_context_len}")
         if reserved > self.max_kv_tokens:
-            raise EngineError(
+            raise EngineRejected(
                 f"request {req.rid}: needs {reserved} KV tokens but max_kv_tokens is "
                 f"{self.max_kv_tokens}; raise max_kv_tokens or lower max_new_tokens")
         if p.stop and self.tokenizer is None:
