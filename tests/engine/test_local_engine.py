@@ -13,7 +13,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from areal_lite.engine.base import ContextLengthExceeded, Engine, EngineError, EngineRejected
+from areal_lite.engine.base import (
+    ContextLengthExceeded,
+    Engine,
+    EngineError,
+    EngineRejected,
+)
 from areal_lite.engine.local.engine import LocalEngine
 from areal_lite.engine.local.kv import PaddedKV
 from areal_lite.engine.stats import EngineStats, engine_metrics
