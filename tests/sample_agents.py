@@ -88,6 +88,20 @@ class UnpicklableErrorAgent:
         return 1
 
 
+class DyingAgent:
+    """Subprocess style: its worker process dies (os._exit) when asked to; otherwise one
+    call, reward 1."""
+
+    async def run(self, data, **kwargs):
+        if data.get("die"):
+            os._exit(3)
+        client = OpenAI(base_url=os.environ["OPENAI_BASE_URL"],
+                        api_key=os.environ["OPENAI_API_KEY"], max_retries=0)
+        client.chat.completions.create(
+            model="default", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        return 1
+
+
 class BadRewardAgent:
     async def run(self, data, **kwargs):
         await _client(kwargs).chat.completions.create(

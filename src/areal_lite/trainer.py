@@ -312,6 +312,7 @@ def _rollout_metrics(groups: list[GroupResult], controller: RolloutController,
     episodes = [ep for g in groups for ep in g.episodes]
     return {"rollout/episodes_failed": float(sum(ep.failed for ep in episodes)),
             "rollout/episodes_total_failed": float(controller.stats.num_failed),
+            "rollout/pool_restarts": float(controller.stats.pool_restarts),
             "rollout/groups_rejected": float(producer.num_rejected),
             "rollout/batches_dropped": float(producer.num_batches_dropped),
             "rollout/completions_per_episode": _mean([ep.num_completions for ep in episodes]),

@@ -105,6 +105,11 @@ def test_rewritten_history_is_a_prefix_break(renderer, tiny_tokenizer):
     # a brand-new conversation is not a break, even with candidates around
     p3 = r.build_prompt([{"role": "user", "content": "other"}], None, [n1])
     assert p3.parent_id is None and not p3.prefix_break
+    # nor is a session's first request carrying the client's own example exchange
+    few_shot = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"},
+                {"role": "user", "content": "2+2?"}]
+    assert not r.build_prompt(few_shot, None, []).prefix_break
+    assert r.build_prompt(few_shot, None, [n1]).prefix_break
 
 
 def test_branches_share_their_parent(renderer, tiny_tokenizer):

@@ -69,6 +69,32 @@ async def test_subproc_error_that_does_not_unpickle_fails_only_its_episode(fake,
     assert not after.failed and after.reward == 1.0
 
 
+async def test_a_dead_subproc_worker_fails_its_episode_and_the_pool_restarts(
+        fake, tiny_model_dir, caplog):
+    cfg = make_cfg(tiny_model_dir, fake.url, "rollout.agent.mode=subproc",
+                   "rollout.agent.subproc_max_workers=1")
+    async with open_rollout(cfg, sample_agents.DyingAgent) as stack:
+        first = await stack.controller.run_episode({})
+        dead = await stack.controller.run_episode({"die": True})
+        after = await stack.controller.run_episode({})
+        restarts = stack.controller.stats.pool_restarts
+    assert not first.failed and not after.failed and after.reward == 1.0
+    assert dead.error == "exception:RuntimeError" and restarts == 1
+    assert any("new worker pool was started" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_pool_that_breaks_before_any_episode_is_not_restarted(fake, tiny_model_dir,
+                                                                     caplog):
+    cfg = make_cfg(tiny_model_dir, fake.url, "rollout.agent.mode=subproc",
+                   "rollout.agent.subproc_max_workers=1")
+    async with open_rollout(cfg, sample_agents.DyingAgent) as stack:
+        dead = await stack.controller.run_episode({"die": True})
+        again = await stack.controller.run_episode({})
+        restarts = stack.controller.stats.pool_restarts
+    assert dead.failed and again.failed and restarts == 0
+    assert any("not restarted" in r.getMessage() for r in caplog.records)
+
+
 async def test_legacy_module_runs_in_a_subprocess(fake, tiny_model_dir):
     cfg = make_cfg(tiny_model_dir, fake.url, "agent_module_path=legacy_agent",
                    "rollout.agent.subproc_max_workers=1")

@@ -410,10 +410,14 @@ class ChatRenderer:
         full = self.render_text(messages, tools)
         if not full:
             raise ValueError("the chat template rendered these messages as an empty prompt")
+        candidates = tuple(candidates)
         parent = _longest_prefix(full, candidates)
         if parent is None:
-            continued = any(m.get("role") == "assistant" for m in messages
-                            if isinstance(m, Mapping))
+            # a break: the session has completions and the request carries assistant
+            # turns, yet none of them continues (assistant turns in a session's first
+            # request are the client's own, e.g. a few-shot example: not a break)
+            continued = bool(candidates) and any(
+                m.get("role") == "assistant" for m in messages if isinstance(m, Mapping))
             return Prompt(input_ids=self.encode(full), text=full, parent_id=None,
                           prefix_break=continued)
         ids = list(parent.prompt_ids) + list(parent.output_ids)

@@ -19,6 +19,7 @@ import re
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +66,7 @@ class RolloutStats:
     num_episodes: int = 0
     num_failed: int = 0
     num_cancelled: int = 0  # episodes still running when the run shut down (not failures)
+    pool_restarts: int = 0  # subproc worker pools started again after a worker died
     failures: dict[str, int] = field(default_factory=dict)  # error kind -> count
     _logged: set = field(default_factory=set)  # failure signatures already logged
 
@@ -75,8 +77,11 @@ class RolloutController:
     def __init__(self, proxy: ProxyServer, workflow: Any, *, http_client: Any,
                  episode_timeout_s: float, max_concurrent: int,
                  pool: ProcessPoolExecutor | None = None,
+                 new_pool: Callable[[], ProcessPoolExecutor] | None = None,
                  end_session: Callable[[str], str | None] | None = None) -> None:
         self.proxy, self.workflow, self.http_client, self.pool = proxy, workflow, http_client, pool
+        self._new_pool = new_pool  # starts a replacement when a worker died (`_pool_broke`)
+        self._pool_served = False  # an episode finished on the current pool
         self._end_session = end_session  # engine hook: forget the episode, say if aborted
         self.episode_timeout_s = episode_timeout_s
         self._slots = asyncio.Semaphore(max_concurrent)
@@ -104,11 +109,13 @@ class RolloutController:
 
     async def _episode(self, session: Session, data: dict) -> EpisodeResult:
         self.stats.num_episodes += 1
+        pool = self.pool
         try:
             reward = await asyncio.wait_for(
                 run_workflow(self.workflow, data, base_url=self.proxy.base_url,
-                             api_key=session.key, http_client=self.http_client, pool=self.pool),
+                             api_key=session.key, http_client=self.http_client, pool=pool),
                 self.episode_timeout_s)
+            self._pool_served = self._pool_served or pool is self.pool
             _assign(session, reward)
         except asyncio.CancelledError:  # shutdown (trainer done, Ctrl-C): not the agent's fault
             self.stats.num_cancelled += 1
@@ -118,6 +125,8 @@ class RolloutController:
         except BadReward as e:
             return self._fail(session, "bad_reward", e)
         except Exception as e:  # episode boundary: the agent's failure is its own
+            if isinstance(e.__cause__, BrokenProcessPool):
+                self._pool_broke(pool)
             aborted = self._end_session(session.id) if self._end_session else None
             if aborted is not None:
                 return self._fail(session, "aborted", GenerationAborted(aborted))
@@ -131,6 +140,30 @@ class RolloutController:
         score = reward if isinstance(reward, float) else max(reward.values(), default=None)
         return EpisodeResult(episode_id=session.id, samples=samples, reward=scalar,
                              score=score, num_completions=len(session.cache))
+
+    def _pool_broke(self, pool: ProcessPoolExecutor | None) -> None:
+        """A subproc worker died (a crash, an OOM kill, `os._exit`): the executor then
+        fails every episode it holds and refuses new ones, so a new pool takes its place.
+        Not when the broken pool never finished an episode: its workers cannot even run
+        one (a script without a `__main__` guard, an agent that fails to import), and
+        restarting would only repeat that; its episodes keep failing with the reason."""
+        if pool is None or pool is not self.pool or self._new_pool is None:
+            return  # inline agents, or this pool was already replaced
+        if not self._pool_served:
+            log.error("the subproc agent pool broke before any episode finished on it; "
+                      "it is not restarted (see the first failure's traceback)")
+            self._new_pool = None
+            return
+        self.pool, self._pool_served = self._new_pool(), False
+        pool.shutdown(wait=False, cancel_futures=True)
+        self.stats.pool_restarts += 1
+        log.warning("a subproc agent worker died: the episodes it held failed; a new worker "
+                    "pool was started (%d restarts so far)", self.stats.pool_restarts)
+
+    def close_pool(self) -> None:
+        """Stop the current subproc pool (the run is over)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
 
     def log_shutdown(self) -> None:
         """One line for the episodes that shutdown cancelled (call once, at shutdown)."""

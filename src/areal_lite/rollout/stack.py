@@ -157,12 +157,12 @@ async def open_rollout(cfg: ExperimentConfig, workflow: Any = None, *,
         if wf is not None and (r.agent.mode == "subproc" or isinstance(wf, LegacyAgent)
                                or not takes_extra_kwargs(wf)):
             pool = make_subproc_pool(r.agent.subproc_max_workers)
-            stack.callback(functools.partial(pool.shutdown, wait=False, cancel_futures=True))
-        controller = RolloutController(proxy, wf, http_client=http_client,
-                                       episode_timeout_s=r.episode_timeout_s,
-                                       max_concurrent=r.max_concurrent_rollouts, pool=pool,
-                                       end_session=(engine.end_session
-                                                    if isinstance(engine, SessionAware) else None))
+        controller = RolloutController(
+            proxy, wf, http_client=http_client, episode_timeout_s=r.episode_timeout_s,
+            max_concurrent=r.max_concurrent_rollouts, pool=pool,
+            new_pool=functools.partial(make_subproc_pool, r.agent.subproc_max_workers),
+            end_session=engine.end_session if isinstance(engine, SessionAware) else None)
+        stack.callback(controller.close_pool)
         stack.callback(controller.log_shutdown)  # after every episode has unwound
         tune_gc()  # GC work per request stays flat (runtime.py)
         yield RolloutStack(engine=engine, proxy=proxy, controller=controller,
