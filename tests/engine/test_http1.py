@@ -98,6 +98,17 @@ async def test_chunked_reply_is_decoded():
     assert srv.connections == 1
 
 
+async def test_a_204_reply_has_no_body_and_keeps_the_connection():
+    async def reply(conn, req):
+        return [b"HTTP/1.1 204 No Content\r\n\r\n"]
+    async with RawServer(reply) as srv:
+        pool = Http1Pool()
+        assert await pool.post(srv.url, "/g", b"{}", JSON, 5) == (204, b"")
+        assert await pool.post(srv.url, "/g", b"{}", JSON, 5) == (204, b"")
+        await pool.close()
+    assert srv.connections == 1
+
+
 async def test_close_delimited_and_connection_close_replies_are_not_reused():
     async def reply(conn, req):
         if conn == 1:

@@ -119,7 +119,9 @@ class _Conn(asyncio.Protocol):
                 self.keep_alive = value.lower() != "close" and (
                     self.keep_alive or value.lower() == "keep-alive")
         self._head_end = end + 4
-        if self._chunked:
+        if self._status in (204, 304):
+            self._length, self._chunked = 0, False  # no body, whatever the headers say
+        elif self._chunked:
             self._length = None
         elif self._length is None:
             self.keep_alive = False  # the body ends when the server closes
