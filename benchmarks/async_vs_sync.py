@@ -2,8 +2,9 @@
 
 Runs the word-problem recipe (`examples/wordproblems/cpu.toml` by default) once per
 `rollout.max_head_offpolicyness` in `--etas` (0 = synchronous RL, the baseline), each for
-the same number of steps with the same seed, one after the other in this process, and
-prints one JSON line per (eta, step) and one summary line per eta:
+the same number of steps with the same seed, one after the other, each in a fresh child
+process (a run left in the process slows the next: one process held 16 GB after two
+runs), and prints one JSON line per (eta, step) and one summary line per eta:
 
     {"measure": "step", "eta", "step", "wall_s" (since the run started, loading
      included), "step_s", "reward_mean", "eval_first_try", "eval_within_3",
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -97,6 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-dir", type=Path, default=None, help="runs root (tmp by default)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override for every run (repeatable)")
+    p.add_argument("--child-eta", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.etas = [int(x) for x in args.etas.split(",")]
     if args.etas[0] != 0:
@@ -104,8 +107,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+_ROW = "avs-row "  # marks the child's rows among whatever else it prints
+
+
+def run_child(argv: list[str], model: str, root: Path, eta: int) -> list[dict]:
+    """`run_one` in a fresh interpreter; its rows come back as JSON on stdout."""
+    cmd = [sys.executable, __file__, *argv, "--model", model, "--run-dir", str(root),
+           "--child-eta", str(eta)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the eta={eta} run failed (exit {proc.returncode}); see above")
+    return [json.loads(line[len(_ROW):]) for line in proc.stdout.splitlines()
+            if line.startswith(_ROW)]
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.child_eta is not None:  # child mode: one run, its rows on stdout
+        for row in run_one(args, args.model, args.run_dir, args.child_eta):
+            print(_ROW + json.dumps(row), flush=True)
+        return
     with tempfile.TemporaryDirectory(prefix="async-vs-sync-") as tmp:
         root = args.run_dir or Path(tmp)
         model = args.model
@@ -115,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
             model = str(make_tiny_model_dir(Path(tmp) / "tiny-model"))
         baseline = None
         for eta in args.etas:
-            rows = run_one(args, model, root, eta)
+            rows = run_child(argv, model, root, eta)
             for r in rows:
                 emit({"measure": "step", "eta": eta, "step": r["step"], "wall_s": r["wall_s"],
                       "step_s": r.get("time/step_s"), "reward_mean": r.get("reward/mean"),
