@@ -312,12 +312,12 @@ def test_direct_encode_and_decode_are_the_wrappers(renderer, tiny_tokenizer, tex
         want, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
-def test_cached_encodings_are_fresh_lists(renderer):
+def test_cached_encodings_are_fresh_lists(renderer, tiny_tokenizer):
     ids = renderer.encode("<|im_start|>user\nhello there<|im_end|>\n")
     ids.append(-1)
     assert renderer.encode("<|im_start|>user\nhello there<|im_end|>\n")[-1] != -1
-    long = "x" * 5000  # past the cache's length bound: encoded each time, still right
-    assert renderer.encode(long) == renderer.encode(long)
+    long = "the quick <|im_end|> fox " * 300  # past the cache's bound: batch path, no GIL
+    assert renderer.encode(long) == tiny_tokenizer.encode(long, add_special_tokens=False)
 
 
 def test_direct_paths_fall_back_to_wrappers_that_differ(tiny_model_dir):

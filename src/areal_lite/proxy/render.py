@@ -290,6 +290,9 @@ class DirectTokenizer:
     def _encode(self, text: str) -> list[int]:
         if self._backend is None:
             return list(self.tokenizer.encode(text, add_special_tokens=False))
+        if len(text) > _CACHED_CHARS:  # `encode_batch` lets go of the GIL, `encode` does
+            # not: a big prompt tokenized in the render thread must not stall the loop
+            return self._backend.encode_batch([text], add_special_tokens=False)[0].ids
         return self._backend.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
