@@ -1,9 +1,8 @@
 """engine/ SGLang client: the Engine Protocol over SGLang servers' native HTTP API.
 
-Token-in, token-out: `POST /generate` with `input_ids` and `return_logprob`. Plain
-(non-streamed) generate calls go over a lean keep-alive HTTP/1.1 pool of our own
-(`http1.py`, a third of aiohttp's CPU per call); streams and control routes over one
-shared keep-alive `aiohttp.ClientSession` (owned by the caller) for every server.
+Token-in, token-out: `POST /generate` with `input_ids` and `return_logprob`; plain calls
+over our lean HTTP/1.1 pool (`http1.py`), streams and control routes over the caller's
+shared keep-alive `aiohttp.ClientSession`.
 
 A request may run as several *segments* (server calls). `pause()` aborts every
 request in flight on the servers; each keeps its partial tokens, waits for `resume()`,
@@ -75,6 +74,11 @@ class _Run:
         self.rid: str | None = None  # rid of the segment in flight
         self.cached: int | None = None  # cached_tokens of the first segment
         self.first_failure: float | None = None  # loop time of the first failed attempt
+
+    def next_rid(self) -> str:
+        """The next segment's rid: the request's, then "<rid>.1", "<rid>.2", ..."""
+        n, self.num_segments = self.num_segments, self.num_segments + 1
+        return f"{self.req.rid}.{n}" if n else self.req.rid
 
 
 class SGLangEngine(SGLangAdmin):
@@ -266,8 +270,8 @@ class SGLangEngine(SGLangAdmin):
                 try:
                     if run.url in self.router.offline:  # down, or not on current weights
                         raise _Retryable("server is down (its supervisor restarts it)")
-                    if not stream and self._lean(run.url):  # one reply, no generator
-                        last = await self._post_generate(run, self._next_rid(run))
+                    if not stream and self._http1 and self._http1.supports(run.url):
+                        last = await self._post_generate(run, run.next_rid())  # 1 reply
                     else:
                         async with aclosing(self._segment(run, stream)) as segments:
                             async for last in segments:
@@ -319,7 +323,7 @@ class SGLangEngine(SGLangAdmin):
     async def _segment(self, run: _Run, stream: bool) -> AsyncIterator[Segment]:
         """POST one /generate for `run` over aiohttp; yield its Segment(s) (new tokens
         only)."""
-        rid = self._next_rid(run)
+        rid = run.next_rid()
         body = msgspec.json.encode(
             generate_body(run.req, generated=run.generated, rid=rid, stream=stream))
         url = run.url
@@ -360,19 +364,8 @@ class SGLangEngine(SGLangAdmin):
         return EngineError(f"{url}/generate gave no result within "
                            f"{self._request_timeout_s}s (request_timeout_s)")
 
-    def _lean(self, url: str) -> bool:
-        return self._http1 is not None and self._http1.supports(url)
-
-    @staticmethod
-    def _next_rid(run: _Run) -> str:
-        rid = run.req.rid if run.num_segments == 0 else f"{run.req.rid}.{run.num_segments}"
-        run.num_segments += 1
-        return rid
-
     async def _post_generate(self, run: _Run, rid: str) -> Segment:
-        """One non-streaming /generate over the lean HTTP/1.1 pool (http1.py); the same
-        outcomes as the aiohttp path in `_segment`."""
-        assert self._http1 is not None
+        """One plain /generate over the lean pool; the outcomes of `_segment`'s."""
         url = run.url
         body = msgspec.json.encode(
             generate_body(run.req, generated=run.generated, rid=rid, stream=False))
