@@ -70,6 +70,12 @@ class FailingAgent:
         return 1
 
 
+def _env_client() -> OpenAI:
+    """The sync client a subprocess agent builds from its environment."""
+    return OpenAI(base_url=os.environ["OPENAI_BASE_URL"],
+                  api_key=os.environ["OPENAI_API_KEY"], max_retries=0)
+
+
 class UnpicklableErrorAgent:
     """Subprocess style: raises the SDK's BadRequestError (needs keyword arguments, so
     it does not unpickle in the parent) when asked to; otherwise one call, reward 1."""
@@ -81,9 +87,7 @@ class UnpicklableErrorAgent:
         if data.get("fail"):
             response = httpx.Response(400, request=httpx.Request("POST", "http://x/v1"))
             raise openai.BadRequestError("bad on purpose", response=response, body=None)
-        client = OpenAI(base_url=os.environ["OPENAI_BASE_URL"],
-                        api_key=os.environ["OPENAI_API_KEY"], max_retries=0)
-        client.chat.completions.create(
+        _env_client().chat.completions.create(
             model="default", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
         return 1
 
@@ -95,9 +99,7 @@ class DyingAgent:
     async def run(self, data, **kwargs):
         if data.get("die"):
             os._exit(3)
-        client = OpenAI(base_url=os.environ["OPENAI_BASE_URL"],
-                        api_key=os.environ["OPENAI_API_KEY"], max_retries=0)
-        client.chat.completions.create(
+        _env_client().chat.completions.create(
             model="default", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
         return 1
 
@@ -113,9 +115,7 @@ class SyncEnvAgent:
     """Subprocess style: sync OpenAI client configured from the environment."""
 
     async def run(self, data, **kwargs):
-        client = OpenAI(base_url=os.environ["OPENAI_BASE_URL"],
-                        api_key=os.environ["OPENAI_API_KEY"], max_retries=0)
-        resp = client.chat.completions.create(
+        resp = _env_client().chat.completions.create(
             model="default", messages=[{"role": "user", "content": data["question"]}],
             max_tokens=4)
         return True if resp.choices[0].message.content is not None else 0
