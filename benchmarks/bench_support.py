@@ -116,6 +116,39 @@ class CannedTransport(httpx2.AsyncBaseTransport):
                                content=self._body, request=request)
 
 
+class RoundTripTransport(CannedTransport):
+    """The canned completion, after the engine round trip the proxy would make for the
+    same call: the pre-encoded /generate body of that question and turn, POSTed to the
+    fake server over the proxy's own keep-alive client (`Http1Pool`), reply parsed.
+    What the proxy cannot avoid (the SDK, one loopback round trip, waiting for it),
+    without its own work (parse, render, tokenize, sessions, export)."""
+
+    def __init__(self, body: bytes, fake_url: str, bodies: dict[tuple[str, int], bytes],
+                 max_connections: int) -> None:
+        from areal_lite.engine.sglang.http1 import Http1Pool
+
+        super().__init__(body)
+        self._url, self._bodies = fake_url, bodies
+        self._pool = Http1Pool(max_connections=max_connections)
+        self._header = b"Content-Type: application/json\r\n"
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        from areal_lite.engine.sglang.wire import parse_generate
+
+        messages = msgspec.json.decode(await request.aread())["messages"]
+        gen_body = self._bodies[(messages[0]["content"], len(messages) // 2)]
+        status, raw = await self._pool.post(self._url, "/generate", gen_body, self._header,
+                                            120.0)
+        if status != 200:
+            raise RuntimeError(f"fake server answered {status}: {raw[:200]!r}")
+        parse_generate(raw)
+        return httpx2.Response(200, headers={"content-type": "application/json"},
+                               content=self._body, request=request)
+
+    async def aclose(self) -> None:
+        await self._pool.close()
+
+
 # --- measurement ---------------------------------------------------------------------
 
 def cpu_s() -> float:

@@ -10,6 +10,10 @@ the fake SGLang server with zero latency and a fixed short reply. For each concu
     sdk_ceiling_inproc  the same agents with an in-process httpx2 transport that returns
                       the canned completion (no socket): the SDK alone, the ceiling of
                       the `proxy` variant's transport
+    sdk_ceiling_roundtrip  the same, but the transport first makes the engine round trip
+                      the proxy would make for that call (its /generate body, pre-encoded,
+                      to the fake server over the proxy's keep-alive client): the SDK plus
+                      what no proxy can avoid, without the proxy's own work
     floor             the same number of calls straight to the fake server's /generate
                       with pre-tokenized ids over one aiohttp ClientSession (no SDK/proxy)
     proxy             SDK agents -> our proxy through `proxy.http_client()` (in-process
@@ -21,6 +25,17 @@ the fake SGLang server with zero latency and a fixed short reply. For each concu
                       connection each (one session per connection, K-turn chats, no SDK
                       in the measured process): `cpu_ms_per_call` is the proxy process's
                       CPU alone, `agent_cpu_ms_per_call` the child's
+
+`sdk_ceiling_inproc`, `sdk_ceiling_roundtrip` and `proxy` run `--rounds` times each,
+interleaved (round 1 of each, then round 2, ...), so a machine that speeds up or slows
+down during the run bills them alike. Their rows are the median round (by requests/s)
+with every round's figures in `*_rounds`; the `proxy` row adds the medians over rounds of
+the per-round comparisons: `vs_sdk_ceiling_inproc` (requests/s ratio),
+`own_cpu_ms_per_call` (CPU per call minus sdk_ceiling_inproc's: the proxy's own cost,
+engine client included) and `own_cpu_beyond_roundtrip_ms_per_call` (minus
+sdk_ceiling_roundtrip's). With one agent the loop sleeps while each call waits for the
+server, and waking costs CPU that a transport answering at once never pays; the second
+figure separates that from the proxy's work.
 
 Proxy variants run whole episodes through `RolloutController.run_episode` (session
 start, reward, export, session end included). Both servers (fake SGLang and the canned
@@ -65,6 +80,7 @@ import msgspec
 from bench_support import (
     CannedTransport,
     Recorder,
+    RoundTripTransport,
     Servers,
     canned_completion,
     cpu_s,
@@ -80,8 +96,9 @@ from bench_support import (
 )
 from openai import AsyncOpenAI
 
-VARIANTS = ("sdk_ceiling", "sdk_ceiling_inproc", "floor", "proxy", "proxy_tcp",
-            "proxy_new_client", "proxy_tcp_raw")
+VARIANTS = ("sdk_ceiling", "floor", "sdk_ceiling_inproc", "sdk_ceiling_roundtrip", "proxy",
+            "proxy_tcp", "proxy_new_client", "proxy_tcp_raw")
+ROUNDED = ("sdk_ceiling_inproc", "sdk_ceiling_roundtrip", "proxy")  # --rounds, interleaved
 REPLY = "Sure, noted."  # the fake model's fixed reply (then eos)
 QUESTIONS = ["What is 2 + 3?", "Name a colour.", "Say hello to the team.",
              "Is 7 prime? Answer briefly."]
@@ -331,6 +348,15 @@ class Bench:
                 transport=CannedTransport(self.canned_body), timeout=CALL_TIMEOUT_S))
             return lambda data: self.agent.run(data, base_url=self.servers.canned_url + "/v1",
                                                api_key="sk-canned", http_client=client)
+        if variant == "sdk_ceiling_roundtrip":
+            bodies = {(q, k): body for q, per_turn in zip(QUESTIONS, self.floor_bodies)
+                      for k, body in enumerate(per_turn)}
+            transport = RoundTripTransport(self.canned_body, self.servers.fake_url, bodies,
+                                           self.max_connections)
+            client = await es.enter_async_context(httpx2.AsyncClient(
+                transport=transport, timeout=CALL_TIMEOUT_S))
+            return lambda data: self.agent.run(data, base_url=self.servers.canned_url + "/v1",
+                                               api_key="sk-canned", http_client=client)
         if variant == "proxy":
             client = self.stack.controller.http_client
         elif variant == "proxy_tcp":
@@ -430,12 +456,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", default=None, help="cProfile this variant, stats to stderr")
     p.add_argument("--profile-out", default=None,
                    help="with --profile: also dump the raw stats to this file (pstats)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help=f"interleaved runs of {', '.join(ROUNDED)} (median round reported)")
     p.add_argument("--quick", action="store_true", help="tiny run for smoke tests")
     args = p.parse_args(argv)
     args.agents = [int(a) for a in args.agents.split(",")]
     args.variants = [v for v in VARIANTS if v in args.variants.split(",")]
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
     if args.quick:
-        args.min_calls, args.max_seconds = 1, 20.0
+        args.min_calls, args.max_seconds, args.rounds = 1, 20.0, min(args.rounds, 2)
     return args
 
 
@@ -475,24 +505,66 @@ async def run_benchmark(args: argparse.Namespace) -> list[dict]:
                 for num_agents in args.agents:
                     variants = [v for v in args.variants if v != "proxy_new_client"
                                 or num_agents <= args.new_client_max_agents]
-                    rows += await run_concurrency(bench, variants, num_agents)
+                    rows += await run_concurrency(bench, variants, num_agents, args.rounds)
     return rows
 
 
-async def run_concurrency(bench: Bench, variants: list[str], num_agents: int) -> list[dict]:
-    """All variants at one concurrency; sdk_ceiling first (the others are relative to it)."""
+async def run_concurrency(bench: Bench, variants: list[str], num_agents: int,
+                          rounds: int = 1) -> list[dict]:
+    """All variants at one concurrency; sdk_ceiling first (the others are relative to
+    it); the ROUNDED ones `rounds` times, interleaved, reported together."""
     rows, ceiling = [], None
+    rounded = [v for v in variants if v in ROUNDED]
     for variant in variants:
-        row = await bench.run(variant, num_agents)
-        if variant == "sdk_ceiling":
-            ceiling = row
-        for q in ("p50", "p99"):
-            mine, base = row[f"latency_ms_{q}"], ceiling and ceiling[f"latency_ms_{q}"]
-            added = None if mine is None or base is None else round(mine - base, 3)
-            row[f"added_latency_ms_{q}"] = added
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+        if variant in rounded and variant != rounded[0]:
+            continue  # ran with the first rounded variant
+        if variant in rounded:
+            runs: dict[str, list[dict]] = {v: [] for v in rounded}
+            for _ in range(rounds):
+                for v in rounded:
+                    runs[v].append(await bench.run(v, num_agents))
+            new = merge_rounds(runs)
+        else:
+            new = [await bench.run(variant, num_agents)]
+        for row in new:
+            if row["variant"] == "sdk_ceiling":
+                ceiling = row
+            for q in ("p50", "p99"):
+                mine, base = row[f"latency_ms_{q}"], ceiling and ceiling[f"latency_ms_{q}"]
+                added = None if mine is None or base is None else round(mine - base, 3)
+                row[f"added_latency_ms_{q}"] = added
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     return rows
+
+
+def merge_rounds(runs: dict[str, list[dict]]) -> list[dict]:
+    """One row per variant: its median round (by requests/s), every round's requests/s
+    and CPU, errors over all rounds; the proxy row adds the per-round comparisons'
+    medians (module docstring)."""
+    import statistics
+
+    out = {}
+    for variant, rs in runs.items():
+        row = dict(sorted(rs, key=lambda r: r["requests_per_s"])[(len(rs) - 1) // 2])
+        row["rounds"] = len(rs)
+        row["requests_per_s_rounds"] = [r["requests_per_s"] for r in rs]
+        row["cpu_ms_per_call_rounds"] = [r["cpu_ms_per_call"] for r in rs]
+        row["errors"] = sum(r["errors"] for r in rs)
+        out[variant] = row
+    proxy = out.get("proxy")
+    for base, ratio_key, cpu_key in (
+            ("sdk_ceiling_inproc", "vs_sdk_ceiling_inproc", "own_cpu_ms_per_call"),
+            ("sdk_ceiling_roundtrip", None, "own_cpu_beyond_roundtrip_ms_per_call")):
+        if proxy is None or base not in runs:
+            continue
+        pairs = list(zip(runs["proxy"], runs[base]))
+        if ratio_key:
+            proxy[ratio_key] = round(statistics.median(
+                p["requests_per_s"] / b["requests_per_s"] for p, b in pairs), 3)
+        proxy[cpu_key] = round3(statistics.median(
+            p["cpu_ms_per_call"] - b["cpu_ms_per_call"] for p, b in pairs))
+    return list(out.values())
 
 
 def main(argv: list[str] | None = None) -> int:

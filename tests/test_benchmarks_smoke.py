@@ -20,8 +20,8 @@ def test_rollout_overhead_quick_run():
                            "--quick"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
-    variants = {"sdk_ceiling", "sdk_ceiling_inproc", "floor", "proxy", "proxy_tcp",
-                "proxy_new_client", "proxy_tcp_raw"}
+    variants = {"sdk_ceiling", "sdk_ceiling_inproc", "sdk_ceiling_roundtrip", "floor", "proxy",
+                "proxy_tcp", "proxy_new_client", "proxy_tcp_raw"}
     assert {(r["variant"], r["agents"]) for r in rows} == {
         (v, n) for v in variants for n in (1, 4)}
     for row in rows:
@@ -29,6 +29,19 @@ def test_rollout_overhead_quick_run():
         assert row["errors"] == 0, row
         assert row["calls"] >= 1 and row["requests_per_s"] > 0, row
         assert row["added_latency_ms_p50"] is not None, row  # sdk_ceiling ran first
+        if row["variant"] in ("sdk_ceiling_inproc", "sdk_ceiling_roundtrip", "proxy"):
+            assert row["rounds"] == 2 and len(row["requests_per_s_rounds"]) == 2, row
+            assert row["requests_per_s"] in row["requests_per_s_rounds"], row  # a real round
+    for n in (1, 4):
+        by = {r["variant"]: r for r in rows if r["agents"] == n}
+        proxy, base = by["proxy"], by["sdk_ceiling_inproc"]
+        ratios = sorted(p / b for p, b in zip(proxy["requests_per_s_rounds"],
+                                              base["requests_per_s_rounds"]))
+        assert proxy["vs_sdk_ceiling_inproc"] == pytest.approx(sum(ratios) / 2, abs=2e-3)
+        own = sorted(p - b for p, b in zip(proxy["cpu_ms_per_call_rounds"],
+                                           base["cpu_ms_per_call_rounds"]))
+        assert proxy["own_cpu_ms_per_call"] == pytest.approx(sum(own) / 2, abs=2e-3)
+        assert "own_cpu_beyond_roundtrip_ms_per_call" in proxy
 
 
 BENCH = SCRIPT.parent
