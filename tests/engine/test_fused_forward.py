@@ -11,7 +11,7 @@ from test_local_engine import hf_greedy, req
 
 from areal_lite.engine.local.batch import RunningBatch
 from areal_lite.engine.local.engine import LocalEngine
-from areal_lite.engine.local.fused import FusedForward
+from areal_lite.engine.local.fused import FusedForward, _decode_attention
 from areal_lite.engine.local.kv import PaddedKV
 from areal_lite.models import load_causal_lm, load_tokenizer
 from areal_lite.testing.tiny import make_tiny_model_dir
@@ -61,6 +61,25 @@ def test_fused_pass_equals_the_hf_forward(family_model):
                 want = ref_buf[: kv.rows, :, : kv.length].masked_fill(~keep, 0)
                 torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert all(torch.isfinite(t).all() for t in fused)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (8, 1)])
+def test_decode_attention_equals_sdpa(heads, kv_heads):
+    """The grouped decode attention is SDPA's function: GQA, MHA and MQA, padded rows
+    (a row whose only valid column is its own new token included)."""
+    g = torch.Generator().manual_seed(heads * 10 + kv_heads)
+    rows, length, d = 5, 23, 16
+    q = torch.randn(rows, heads, 1, d, generator=g)
+    keys = torch.randn(rows, kv_heads, length, d, generator=g)
+    values = torch.randn(rows, kv_heads, length, d, generator=g)
+    valid = torch.rand(rows, length, generator=g) > 0.4
+    valid[:, -1] = True
+    valid[0, :-1] = False  # only its own column
+    mask = valid[:, None, None, :]
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, keys, values, attn_mask=mask, scale=0.3, enable_gqa=heads != kv_heads)
+    got = _decode_attention(q, keys, values, mask, 0.3)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
 def test_fused_pass_in_bf16_keeps_the_hf_rounding(tmp_path):

@@ -13,7 +13,8 @@ What it computes is the model's own function: the layers' modules and parameters
 used as they are (no copies, so in-place weight updates and storage shared with a trainer
 keep working), norms and rotary embeddings are the model's own modules (and transformers' rotary
 formula), attention is
-`scaled_dot_product_attention` with the layer's scale. Tests check logits and greedy
+`scaled_dot_product_attention` with the layer's scale (a decode step in fp32 on the CPU:
+the same function as grouped matrix products, `_decode_attention`). Tests check logits and greedy
 tokens against the Hugging Face forward and `generate`. A model of another family, or
 one with a feature this pass does not implement, uses the Hugging Face forward
 (`FusedForward.for_model` returns None).
@@ -117,9 +118,30 @@ class FusedForward:
         v = v.view(rows, width, -1, hd).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)  # the Llama-family formula (Qwen: same)
         keys, values = slot.update(k, v)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
-                                             enable_gqa=self.num_heads != self.num_kv_heads)
+        if width == 1 and q.dtype == torch.float32 and q.device.type == "cpu":
+            out = _decode_attention(q, keys, values, mask, attn.scaling)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, scale=attn.scaling,
+                enable_gqa=self.num_heads != self.num_kv_heads)
         return out.transpose(1, 2).reshape(rows * width, -1)
+
+
+def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of one new token per row (a decode step), fp32 on the CPU: the query
+    heads that share a key/value head are one matrix against it (no GQA expansion of the
+    cache), with the softmax in place. The same function as `scaled_dot_product_attention`
+    (tests compare them); about 30% faster on 2 cores for SmolLM2's 9/3 heads at batch 64.
+    q [rows, heads, 1, d], keys/values [rows, kv_heads, length, d], mask [rows, 1, 1,
+    length] bool (every row has a True column: its own new token)."""
+    rows, heads, _, d = q.shape
+    kv_heads = keys.shape[1]
+    scores = torch.matmul(q.reshape(rows, kv_heads, heads // kv_heads, d),
+                          keys.transpose(-1, -2))  # [rows, kv_heads, group, length]
+    scores.mul_(scale).masked_fill_(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, values).reshape(rows, heads, 1, d)
 
 
 def _attention_mask(part: Part) -> torch.Tensor:
