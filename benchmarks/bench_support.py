@@ -112,6 +112,9 @@ class CannedTransport(httpx2.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         await request.aread()
         await asyncio.sleep(0)  # yield once, as any real transport does: agents interleave
+        return self._reply(request)
+
+    def _reply(self, request: httpx2.Request) -> httpx2.Response:
         return httpx2.Response(200, headers={"content-type": "application/json"},
                                content=self._body, request=request)
 
@@ -124,11 +127,11 @@ class RoundTripTransport(CannedTransport):
     without its own work (parse, render, tokenize, sessions, export)."""
 
     def __init__(self, body: bytes, fake_url: str, bodies: dict[tuple[str, int], bytes],
-                 max_connections: int) -> None:
+                 max_connections: int, timeout_s: float) -> None:
         from areal_lite.engine.sglang.http1 import Http1Pool
 
         super().__init__(body)
-        self._url, self._bodies = fake_url, bodies
+        self._url, self._bodies, self._timeout_s = fake_url, bodies, timeout_s
         self._pool = Http1Pool(max_connections=max_connections)
         self._header = b"Content-Type: application/json\r\n"
 
@@ -138,12 +141,11 @@ class RoundTripTransport(CannedTransport):
         messages = msgspec.json.decode(await request.aread())["messages"]
         gen_body = self._bodies[(messages[0]["content"], len(messages) // 2)]
         status, raw = await self._pool.post(self._url, "/generate", gen_body, self._header,
-                                            120.0)
+                                            self._timeout_s)
         if status != 200:
             raise RuntimeError(f"fake server answered {status}: {raw[:200]!r}")
         parse_generate(raw)
-        return httpx2.Response(200, headers={"content-type": "application/json"},
-                               content=self._body, request=request)
+        return self._reply(request)
 
     async def aclose(self) -> None:
         await self._pool.close()

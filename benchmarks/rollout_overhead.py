@@ -343,18 +343,9 @@ class Bench:
             base_url = self.servers.canned_url + "/v1"
             return lambda data: self.agent.run(data, base_url=base_url, api_key="sk-canned",
                                                http_client=client)
-        if variant == "sdk_ceiling_inproc":
+        if variant in ("sdk_ceiling_inproc", "sdk_ceiling_roundtrip"):
             client = await es.enter_async_context(httpx2.AsyncClient(
-                transport=CannedTransport(self.canned_body), timeout=CALL_TIMEOUT_S))
-            return lambda data: self.agent.run(data, base_url=self.servers.canned_url + "/v1",
-                                               api_key="sk-canned", http_client=client)
-        if variant == "sdk_ceiling_roundtrip":
-            bodies = {(q, k): body for q, per_turn in zip(QUESTIONS, self.floor_bodies)
-                      for k, body in enumerate(per_turn)}
-            transport = RoundTripTransport(self.canned_body, self.servers.fake_url, bodies,
-                                           self.max_connections)
-            client = await es.enter_async_context(httpx2.AsyncClient(
-                transport=transport, timeout=CALL_TIMEOUT_S))
+                transport=self._inproc_transport(variant), timeout=CALL_TIMEOUT_S))
             return lambda data: self.agent.run(data, base_url=self.servers.canned_url + "/v1",
                                                api_key="sk-canned", http_client=client)
         if variant == "proxy":
@@ -366,6 +357,14 @@ class Bench:
         else:
             raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
         return self._counting(self.controller(client, num_agents).run_episode)
+
+    def _inproc_transport(self, variant: str) -> CannedTransport:
+        if variant == "sdk_ceiling_inproc":
+            return CannedTransport(self.canned_body)
+        bodies = {(q, k): body for q, per_turn in zip(QUESTIONS, self.floor_bodies)
+                  for k, body in enumerate(per_turn)}
+        return RoundTripTransport(self.canned_body, self.servers.fake_url, bodies,
+                                  self.max_connections, CALL_TIMEOUT_S)
 
     def _counting(self, run_episode: Callable[[dict], Awaitable]) -> EpisodeFn:
         """Failed episodes the agent did not see (export, reward) count as errors too."""
@@ -552,18 +551,21 @@ def merge_rounds(runs: dict[str, list[dict]]) -> list[dict]:
         row["cpu_ms_per_call_rounds"] = [r["cpu_ms_per_call"] for r in rs]
         row["errors"] = sum(r["errors"] for r in rs)
         out[variant] = row
+    def per_round(base: str, f: Callable[[dict, dict], float]) -> float:
+        """The median over rounds of f(proxy's row, base's row of the same round)."""
+        return statistics.median(f(p, b) for p, b in zip(runs["proxy"], runs[base]))
+
+    def cpu_over(p: dict, b: dict) -> float:
+        return p["cpu_ms_per_call"] - b["cpu_ms_per_call"]
+
     proxy = out.get("proxy")
-    for base, ratio_key, cpu_key in (
-            ("sdk_ceiling_inproc", "vs_sdk_ceiling_inproc", "own_cpu_ms_per_call"),
-            ("sdk_ceiling_roundtrip", None, "own_cpu_beyond_roundtrip_ms_per_call")):
-        if proxy is None or base not in runs:
-            continue
-        pairs = list(zip(runs["proxy"], runs[base]))
-        if ratio_key:
-            proxy[ratio_key] = round(statistics.median(
-                p["requests_per_s"] / b["requests_per_s"] for p, b in pairs), 3)
-        proxy[cpu_key] = round3(statistics.median(
-            p["cpu_ms_per_call"] - b["cpu_ms_per_call"] for p, b in pairs))
+    if proxy is not None and "sdk_ceiling_inproc" in runs:
+        proxy["vs_sdk_ceiling_inproc"] = round(per_round(
+            "sdk_ceiling_inproc", lambda p, b: p["requests_per_s"] / b["requests_per_s"]), 3)
+        proxy["own_cpu_ms_per_call"] = round3(per_round("sdk_ceiling_inproc", cpu_over))
+    if proxy is not None and "sdk_ceiling_roundtrip" in runs:
+        proxy["own_cpu_beyond_roundtrip_ms_per_call"] = round3(
+            per_round("sdk_ceiling_roundtrip", cpu_over))
     return list(out.values())
 
 
