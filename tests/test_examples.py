@@ -183,6 +183,36 @@ def test_worked_example_share_falls_to_zero_over_training_episodes():
         WordProblemAgent(hint_decay_episodes=-1)
 
 
+def test_worked_example_share_falls_to_its_floor_and_is_drawn_per_question():
+    """hint_floor: the share stops falling there. The draw is per question, so every
+    episode of a question (a GRPO group) gets the same first prompt, and about the
+    floor's share of questions keeps the worked example."""
+    agent = WordProblemAgent(hint_prob=1.0, hint_decay_episodes=4, hint_floor=0.25)
+    train = {"question": "q", "split": "train"}
+    shares = []
+    for _ in range(6):
+        shares.append(agent.current_hint_prob())
+        agent.first_messages(train)
+    assert shares == [1.0, 0.8125, 0.625, 0.4375, 0.25, 0.25]
+    questions = [{"question": f"question {i}", "split": "train"} for i in range(400)]
+    hinted = []
+    for row in questions:
+        group = {len(agent.first_messages(row)) for _ in range(8)}
+        assert len(group) == 1  # one prompt for the whole group
+        hinted.append(group == {3})
+    assert 0.15 < sum(hinted) / len(hinted) < 0.35
+    with pytest.raises(ValueError, match="hint_floor"):
+        WordProblemAgent(hint_prob=0.2, hint_floor=0.3)
+
+
+def test_agent_pays_no_format_credit_for_a_number_copied_from_the_question():
+    agent = WordProblemAgent(format_reward=0.1)
+    row = {"question": "Tom has 12 apples and finds 5 more. How many?", "answer": "#### 17"}
+    assert agent.score("12 + 5 = \\boxed{12}", row, 0) == 0.0
+    assert agent.score("12 + 5 = \\boxed{16}", row, 0) == 0.1
+    assert agent.score("12 + 5 = \\boxed{17}", row, 0) == 1.0
+
+
 def test_worked_example_is_a_training_problem_in_a_training_phrasing():
     from areal_lite.data.wordproblems import TRAIN_TEMPLATES, _is_eval_key, problem_key
 

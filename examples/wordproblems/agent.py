@@ -3,22 +3,28 @@
 This is what a user writes: a plain OpenAI-SDK loop that knows nothing about areal-lite
 except the reward helper. Each turn's completion gets its own reward, keyed by the
 completion id (`response.id`): 1.0 for the right integer in \\boxed{}, `format_reward` for
-another boxed integer, `unboxed_reward` for the right number left unboxed, 0.0
+another boxed integer that is not one of the question's own numbers (boxing a number
+copied from the question is no attempt at the answer, and paying for it taught one run to
+box the first number it read), `unboxed_reward` for the right number left unboxed, 0.0
 otherwise. When a turn is wrong the agent appends the reply
 and a retry message and asks again, so turn k+1 continues turn k's exact tokens and
 becomes its child in the episode's tree; `rollout.agent.turn_discount` then passes part
 of a later turn's reward back to the earlier ones.
 
 The prompt is the plain instruction: no worked example, no system prompt. Training
-only (rows whose `split` is "train"), a share `hint_prob` of the episodes first sees one
-worked example (a share that falls to 0 over the first `hint_decay_episodes` training
-episodes when that is set), so that a small model that never boxes its answer unprompted (SmolLM2-135M
-boxes 0 of 30 eval answers) samples some boxed answers to learn from; eval rows never get it.
+only (rows whose `split` is "train"), a share `hint_prob` of the questions first shows one
+worked example (a share that falls linearly to `hint_floor` over the first
+`hint_decay_episodes` training episodes when that is set), so that a small model that
+never boxes its answer unprompted (SmolLM2-135M boxes 0 of 30 eval answers) samples some
+boxed answers to learn from; eval rows never get it. The draw is made per question, not
+per episode, so the episodes of one GRPO group share their prompt and are compared like
+with like (a group mixing hinted and plain prompts would credit the hint, not the answer).
 """
 
 from __future__ import annotations
 
 import random
+import re
 
 from openai import AsyncOpenAI
 
@@ -44,7 +50,8 @@ def build_messages(question: str, hint: bool = False) -> list[dict]:
 class WordProblemAgent:
     def __init__(self, model: str = "default", max_tokens: int = 64, temperature: float = 1.0,
                  max_turns: int = 3, format_reward: float = 0.0, unboxed_reward: float = 0.0,
-                 hint_prob: float = 0.0, hint_decay_episodes: int = 0, seed: int = 0) -> None:
+                 hint_prob: float = 0.0, hint_decay_episodes: int = 0, hint_floor: float = 0.0,
+                 seed: int = 0) -> None:
         if max_turns < 1:
             raise ValueError(f"agent_kwargs.max_turns must be >= 1, got {max_turns}")
         if not 0.0 <= format_reward < 1.0:
@@ -53,15 +60,17 @@ class WordProblemAgent:
             raise ValueError(f"agent_kwargs.unboxed_reward must be in [0, 1), got {unboxed_reward}")
         if not 0.0 <= hint_prob <= 1.0:
             raise ValueError(f"agent_kwargs.hint_prob must be in [0, 1], got {hint_prob}")
+        if not 0.0 <= hint_floor <= hint_prob:
+            raise ValueError(f"agent_kwargs.hint_floor must be in [0, hint_prob={hint_prob}], "
+                             f"got {hint_floor}")
         if hint_decay_episodes < 0:
             raise ValueError(f"agent_kwargs.hint_decay_episodes must be >= 0, got "
                              f"{hint_decay_episodes}")
         self.model, self.max_tokens, self.temperature = model, max_tokens, temperature
         self.max_turns, self.format_reward = max_turns, format_reward
         self.unboxed_reward, self.hint_prob = unboxed_reward, hint_prob
-        self.hint_decay_episodes = hint_decay_episodes
+        self.hint_decay_episodes, self.hint_floor, self.seed = hint_decay_episodes, hint_floor, seed
         self._train_episodes = 0  # training episodes begun by this agent (the hint schedule)
-        self._rng = random.Random(seed)  # which training episodes see the worked example
 
     async def run(self, data: dict, **kwargs) -> dict[str, float]:
         client = AsyncOpenAI(base_url=kwargs["base_url"], api_key=kwargs["api_key"],
@@ -81,24 +90,31 @@ class WordProblemAgent:
         return rewards
 
     def current_hint_prob(self) -> float:
-        """`hint_prob`, falling linearly to 0 over the first `hint_decay_episodes`
-        training episodes (constant when that is 0): few-shot early in training only."""
+        """`hint_prob`, falling linearly to `hint_floor` over the first
+        `hint_decay_episodes` training episodes (constant when that is 0): few-shot
+        mostly early in training."""
         if not self.hint_decay_episodes:
             return self.hint_prob
-        return self.hint_prob * max(0.0, 1.0 - self._train_episodes / self.hint_decay_episodes)
+        left = max(0.0, 1.0 - self._train_episodes / self.hint_decay_episodes)
+        return self.hint_floor + (self.hint_prob - self.hint_floor) * left
 
     def first_messages(self, data: dict) -> list[dict]:
         """The first turn's chat for `data`: the plain question, or (training rows only,
-        with probability `current_hint_prob()`) the question after one worked example."""
+        with probability `current_hint_prob()`) the question after one worked example.
+        The draw is a hash of (`seed`, question): every episode of a question gets the
+        same prompt, unless the schedule's share crosses its draw within the group."""
         if data.get("split") != "train":
             return build_messages(data["question"])
-        hint = self._rng.random() < self.current_hint_prob()
+        draw = random.Random(f"{self.seed}:{data['question']}").random()
+        hint = draw < self.current_hint_prob()
         self._train_episodes += 1
         return build_messages(data["question"], hint)
 
     def score(self, text: str, data: dict, turn: int) -> float:
         """Turn `turn`'s (0-based) reward: 1.0 right in \\boxed{}, `format_reward` for
-        another boxed integer, `unboxed_reward` for the right number unboxed, else 0.0;
-        only 1.0 ends the episode."""
+        another boxed integer not copied from the question, `unboxed_reward` for the
+        right number unboxed, else 0.0; only 1.0 ends the episode."""
         del turn  # every turn is scored alike; the turn discount favours early answers
-        return integer_reward(text, data["answer"], self.format_reward, self.unboxed_reward)
+        copied = {int(n) for n in re.findall(r"\d+", data["question"])}
+        return integer_reward(text, data["answer"], self.format_reward, self.unboxed_reward,
+                              copied=copied)

@@ -159,6 +159,16 @@ def test_integer_reward_unboxed(text, expected):
     assert integer_reward(text, "#### 42", format_reward=0.25, unboxed_reward=0.5) == expected
 
 
+def test_integer_reward_pays_no_format_credit_for_a_copied_number():
+    """A boxed wrong integer that is one of the question's numbers earns nothing: boxing
+    the first number read is no attempt at the answer (a run learned exactly that)."""
+    copied = {6, 7}
+    assert integer_reward("6 * 7 = \\boxed{6}", "#### 42", 0.1, copied=copied) == 0.0
+    assert integer_reward("6 * 7 = \\boxed{41}", "#### 42", 0.1, copied=copied) == 0.1
+    assert integer_reward("\\boxed{42}", "#### 42", 0.1, copied={42}) == 1.0  # right is right
+    assert integer_reward("\\boxed{7.0}", "#### 42", 0.1, copied=copied) == 0.0
+
+
 def test_integer_reward_needs_an_integer_reference():
     with pytest.raises(ValueError, match="integer reference"):
         integer_reward("\\boxed{1}", "#### 1/2")

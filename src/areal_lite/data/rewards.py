@@ -30,7 +30,7 @@ import multiprocessing
 import pickle
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Literal
@@ -112,20 +112,26 @@ _NOISE = re.compile(r"[\s,$]|\\[,!;: $]|\\text\{[^}]*\}")  # spaces, thousands c
 
 
 def integer_reward(completion_text: str, reference_answer: str, format_reward: float = 0.0,
-                   unboxed_reward: float = 0.0) -> float:
+                   unboxed_reward: float = 0.0, copied: Collection[int] = ()) -> float:
     """1.0 if the last \\boxed{} of the completion holds the reference integer ("42",
     "1,234", "42.0"; the reference may be a GSM8K answer "... #### 42"); `format_reward`
-    if it holds some other integer; with no \\boxed{} at all, `unboxed_reward` if the last
-    number of the text is the reference, else 0.0. A box left empty or holding no integer
-    ("The answer is \\boxed{} 29", the instruction copied) earns nothing: it must not be
-    paid as an unboxed answer, or a policy learns to copy the empty box. Pure and fast."""
+    if it holds some other integer, unless that integer is in `copied` (e.g. the numbers
+    of the question: boxing one of them is not an attempt at the answer, and paying it
+    teaches a policy to box the first number it reads); with no \\boxed{} at all,
+    `unboxed_reward` if the last number of the text is the reference, else 0.0. A box
+    left empty or holding no integer ("The answer is \\boxed{} 29", the instruction
+    copied) earns nothing: it must not be paid as an unboxed answer, or a policy learns
+    to copy the empty box. Pure and fast."""
     ref = gsm8k_final_answer(reference_answer)
     if not _INTEGER.fullmatch(ref):
         raise ValueError(f"integer_reward needs an integer reference answer, got {reference_answer!r}")
     boxed = extract_boxed(completion_text)
     value = _NOISE.sub("", boxed) if boxed is not None else ""
     if _INTEGER.fullmatch(value):
-        return 1.0 if int(float(value)) == int(float(ref)) else format_reward
+        answer = int(float(value))
+        if answer == int(float(ref)):
+            return 1.0
+        return 0.0 if answer in copied else format_reward
     if boxed is not None or "\\boxed" in completion_text:
         return 0.0
     numbers = _NUMBER.findall(completion_text.replace(",", ""))
