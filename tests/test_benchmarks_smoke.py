@@ -139,3 +139,14 @@ def test_export_tokens_quick_run():
     assert row["episodes"] == 2 and row["completions_per_episode"] == 3.0
     assert row["loss_tokens"] < row["tree_tokens"] < row["individual_tokens"]
     assert row["ratio_individual_vs_tree"] > 1.5
+
+
+def test_core_split_quick_run():
+    proc = subprocess.run([sys.executable, str(BENCH / "core_split.py"), "--seconds", "0.3",
+                           "--cores", "2"], capture_output=True, text=True, timeout=120)
+    rows = _json_lines(proc)
+    assert [r["setting"] for r in rows] == ["shared", "split"]
+    assert rows[1]["threads"] == {"learner": 1, "engine": 1}
+    for r in rows:
+        assert r["learner_frac"] > 0 and r["engine_frac"] > 0, r
+        assert abs(r["sum"] - r["learner_frac"] - r["engine_frac"]) < 0.002, r  # rounding

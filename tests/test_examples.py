@@ -26,10 +26,13 @@ def test_example_configs_load(path):
     assert cfg.workflow or path.name == "rollout_demo.toml" or cfg.rollout.agent.mode == "online"
 
 
-def test_cpu_example_uses_few_shot_prompt_with_bf16_learner():
+def test_cpu_examples_let_the_machine_pick_the_compute_dtype():
+    """bf16 autocast only where it is faster (an AMX CPU): on AVX512-BF16 alone it made
+    the learner ~1.7x slower, so neither CPU recipe forces it."""
     cfg = load_config(ROOT / "examples/gsm8k/cpu.toml")
     assert cfg.rollout.agent.agent_kwargs["few_shot"] >= 1
-    assert cfg.train.compute_dtype == "bfloat16"
+    assert cfg.train.compute_dtype == "fast"
+    assert load_config(ROOT / "examples/wordproblems/cpu.toml").train.compute_dtype == "fast"
 
 
 def test_build_messages_plain_and_few_shot():
@@ -211,6 +214,16 @@ def test_agent_pays_no_format_credit_for_a_number_copied_from_the_question():
     assert agent.score("12 + 5 = \\boxed{12}", row, 0) == 0.0
     assert agent.score("12 + 5 = \\boxed{16}", row, 0) == 0.1
     assert agent.score("12 + 5 = \\boxed{17}", row, 0) == 1.0
+
+
+def test_agent_can_penalize_the_instructions_empty_box():
+    row = {"question": "Tom has 12 apples and finds 5 more. How many?", "answer": "#### 17"}
+    agent = WordProblemAgent(format_reward=0.1, unboxed_reward=0.2, empty_box_reward=-0.1)
+    assert agent.score("12 + 5 = 17. The answer is \\boxed{}.", row, 0) == -0.1
+    assert agent.score("12 + 5 = 17.", row, 0) == 0.2
+    assert WordProblemAgent().score("12 + 5 = 17. \\boxed{}", row, 0) == 0.0  # default
+    with pytest.raises(ValueError, match="empty_box_reward"):
+        WordProblemAgent(empty_box_reward=0.1)
 
 
 def test_worked_example_is_a_training_problem_in_a_training_phrasing():

@@ -13,6 +13,8 @@ from areal_lite.models import (
     SMOLLM2_ALIAS,
     SMOLLM2_INSTALL,
     ModelNotFoundError,
+    autocast_dtype,
+    cpu_has_amx,
     load_causal_lm,
     load_tokenizer,
     resolve_model_dir,
@@ -102,6 +104,22 @@ def test_killed_conversion_leaves_no_half_cache(monkeypatch, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         resolve_model_dir(SMOLLM2_ALIAS, cache_dir=str(tmp_path / "cache"))
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_fast_compute_dtype_is_bf16_on_cuda_and_amx_cpus_only(monkeypatch):
+    assert autocast_dtype("fast", "cuda") == torch.bfloat16
+    assert autocast_dtype("auto", "cuda") == torch.bfloat16
+    assert autocast_dtype("float32", "cuda") == torch.float32
+    assert autocast_dtype("bfloat16", "cpu") == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert cpu_has_amx() and autocast_dtype("fast", "cpu") == torch.bfloat16
+    assert autocast_dtype("auto", "cpu") == torch.float32  # auto: the same on every CPU
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert not cpu_has_amx() and autocast_dtype("fast", "cpu") == torch.float32
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert autocast_dtype("fast", "cpu") == torch.float32  # no probe: the safe choice
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        autocast_dtype("float64", "cpu")
 
 
 def test_torch_dtype_names():

@@ -5,7 +5,9 @@ except the reward helper. Each turn's completion gets its own reward, keyed by t
 completion id (`response.id`): 1.0 for the right integer in \\boxed{}, `format_reward` for
 another boxed integer that is not one of the question's own numbers (boxing a number
 copied from the question is no attempt at the answer, and paying for it taught one run to
-box the first number it read), `unboxed_reward` for the right number left unboxed, 0.0
+box the first number it read), `unboxed_reward` for the right number left unboxed,
+`empty_box_reward` (zero or negative) for a box with no integer in it (the instruction's
+empty `\\boxed{}` copied: one run's step-10 answers were mostly right but boxed empty), 0.0
 otherwise. When a turn is wrong the agent appends the reply
 and a retry message and asks again, so turn k+1 continues turn k's exact tokens and
 becomes its child in the episode's tree; `rollout.agent.turn_discount` then passes part
@@ -51,13 +53,16 @@ class WordProblemAgent:
     def __init__(self, model: str = "default", max_tokens: int = 64, temperature: float = 1.0,
                  max_turns: int = 3, format_reward: float = 0.0, unboxed_reward: float = 0.0,
                  hint_prob: float = 0.0, hint_decay_episodes: int = 0, hint_floor: float = 0.0,
-                 seed: int = 0) -> None:
+                 empty_box_reward: float = 0.0, seed: int = 0) -> None:
         if max_turns < 1:
             raise ValueError(f"agent_kwargs.max_turns must be >= 1, got {max_turns}")
         if not 0.0 <= format_reward < 1.0:
             raise ValueError(f"agent_kwargs.format_reward must be in [0, 1), got {format_reward}")
         if not 0.0 <= unboxed_reward < 1.0:
             raise ValueError(f"agent_kwargs.unboxed_reward must be in [0, 1), got {unboxed_reward}")
+        if not -1.0 < empty_box_reward <= 0.0:
+            raise ValueError(f"agent_kwargs.empty_box_reward must be in (-1, 0], got "
+                             f"{empty_box_reward}")
         if not 0.0 <= hint_prob <= 1.0:
             raise ValueError(f"agent_kwargs.hint_prob must be in [0, 1], got {hint_prob}")
         if not 0.0 <= hint_floor <= hint_prob:
@@ -70,6 +75,7 @@ class WordProblemAgent:
         self.max_turns, self.format_reward = max_turns, format_reward
         self.unboxed_reward, self.hint_prob = unboxed_reward, hint_prob
         self.hint_decay_episodes, self.hint_floor, self.seed = hint_decay_episodes, hint_floor, seed
+        self.empty_box_reward = empty_box_reward
         self._train_episodes = 0  # training episodes begun by this agent (the hint schedule)
 
     async def run(self, data: dict, **kwargs) -> dict[str, float]:
@@ -113,8 +119,9 @@ class WordProblemAgent:
     def score(self, text: str, data: dict, turn: int) -> float:
         """Turn `turn`'s (0-based) reward: 1.0 right in \\boxed{}, `format_reward` for
         another boxed integer not copied from the question, `unboxed_reward` for the
-        right number unboxed, else 0.0; only 1.0 ends the episode."""
+        right number unboxed, `empty_box_reward` for a box with no integer, else 0.0;
+        only 1.0 ends the episode."""
         del turn  # every turn is scored alike; the turn discount favours early answers
         copied = {int(n) for n in re.findall(r"\d+", data["question"])}
         return integer_reward(text, data["answer"], self.format_reward, self.unboxed_reward,
-                              copied=copied)
+                              copied=copied, empty_reward=self.empty_box_reward)

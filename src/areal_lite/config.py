@@ -110,8 +110,8 @@ class LearnerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ppo_epochs: PosInt = 1  # passes over each batch
     num_minibatches: PosInt = 1  # optimizer steps per pass (the batch is split in this many)
     recompute_proximal: bool = True  # proximal logprobs from current weights; False = behaviour
-    # bfloat16 on a CPU with AMX/AVX512-BF16 trains ~2x faster than float32 here
-    compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # autocast; auto = bf16 on CUDA only
+    # bfloat16 pays off on a CPU with AMX (~2x); with AVX512-BF16 alone it is ~1.7x slower
+    compute_dtype: Literal["auto", "fast", "float32", "bfloat16"] = "auto"  # autocast; auto = bf16 on CUDA only, fast = also on an AMX CPU
 
     def __post_init__(self) -> None:
         if self.total_steps and self.lr_schedule != "constant" and self.total_steps <= self.warmup_steps:
@@ -203,8 +203,8 @@ class LocalEngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
     max_context_len: NonNegInt = 0  # prompt + output tokens; 0 = the model's own limit
     prefix_cache_tokens: NonNegInt = 8192  # KV tokens of recent prompts kept for reuse; 0 = off
     fused_forward: bool = True  # Llama-family: decode + prefill in one own pass; false = HF forward
-    # CPU, asynchronous RL: the learner gets the other torch threads while it runs, the
-    # engine all of them back after (engine/local/threads.py); off by default, unmeasured
+    # CPU, asynchronous RL: the learner gets the other torch threads while it runs (all
+    # of them while the engine is idle), the engine all back after (engine/local/threads.py)
     engine_threads: Annotated[int, msgspec.Meta(ge=-1)] = -1  # during updates; -1 = no split, 0 = 1
 
 

@@ -169,6 +169,19 @@ def test_integer_reward_pays_no_format_credit_for_a_copied_number():
     assert integer_reward("\\boxed{7.0}", "#### 42", 0.1, copied=copied) == 0.0
 
 
+def test_integer_reward_can_penalize_an_empty_box():
+    """`empty_reward` is what a box with no integer earns (0.0 unless set): the
+    instruction's `\\boxed{}` copied under a right answer must not tie with a right
+    unboxed answer, nor be paid like one."""
+    text = "19 + 7 = 26 marbles. The final answer is \\boxed{}."
+    assert integer_reward(text, "#### 26", 0.1, 0.2) == 0.0
+    assert integer_reward(text, "#### 26", 0.1, 0.2, empty_reward=-0.1) == -0.1
+    assert integer_reward("\\boxed{ten}", "#### 10", 0.1, 0.2, empty_reward=-0.1) == -0.1
+    assert integer_reward("19 + 7 = 26", "#### 26", 0.1, 0.2, empty_reward=-0.1) == 0.2
+    assert integer_reward("\\boxed{25}", "#### 26", 0.1, 0.2, empty_reward=-0.1) == 0.1
+    assert integer_reward("no number", "#### 26", 0.1, 0.2, empty_reward=-0.1) == 0.0
+
+
 def test_integer_reward_needs_an_integer_reference():
     with pytest.raises(ValueError, match="integer reference"):
         integer_reward("\\boxed{1}", "#### 1/2")

@@ -11,6 +11,7 @@ import torch
 from areal_lite.engine.local.engine import LocalEngine
 from areal_lite.engine.local.threads import (
     CoreSplit,
+    Rebalancer,
     plan_split,
     run_learner,
     set_thread_count,
@@ -58,18 +59,20 @@ async def test_run_learner_splits_while_it_runs_and_gives_the_engine_its_cores_b
         started, release = threading.Event(), threading.Event()
         during = {}
 
-        def update(x: int, *, y: int) -> int:
+        def update(x: int, *, y: int, on_microbatch) -> dict:
             during["learner"] = torch.get_num_threads()
+            on_microbatch()  # the engine has nothing to do: the learner takes every core
+            during["idle"] = torch.get_num_threads()
             started.set()
             release.wait(30)
-            return x + y
+            return {"sum": x + y}
 
         task = asyncio.create_task(run_learner(split, engine, update, 1, y=2))
         await asyncio.to_thread(started.wait, 30)
         during["engine"] = await engine.run_on_step_thread(torch.get_num_threads)
         release.set()
-        assert await task == 3
-        assert during == {"learner": 2, "engine": 1}
+        assert await task == {"sum": 3, "learner_all_cores_frac": 1.0}
+        assert during == {"learner": 2, "idle": 3, "engine": 1}
         assert await engine.run_on_step_thread(torch.get_num_threads) == 3  # given back
         out = await engine.generate(GenerateRequest(  # and it still generates
             rid="r", input_ids=[5, 6, 7], sampling=SamplingParams(max_new_tokens=3,
@@ -81,3 +84,34 @@ async def test_run_learner_without_a_split_is_a_plain_worker_thread():
     main = threading.get_ident()
     other = await run_learner(None, object(), threading.get_ident)
     assert other != main
+
+
+def test_rebalancer_gives_the_learner_every_core_only_while_the_engine_is_idle():
+    busy = [True, False, False, True]
+    seen = []
+
+    def learner() -> None:
+        r = Rebalancer(CoreSplit(num_cores=4, engine=1, learner=3), lambda: busy.pop(0))
+        for _ in range(4):
+            r()
+            seen.append(torch.get_num_threads())
+        seen.append((r.calls, r.all_cores))
+
+    t = threading.Thread(target=learner)  # its own thread: counts are per thread
+    t.start()
+    t.join()
+    assert seen == [3, 4, 4, 3, (4, 2)]
+
+
+async def test_engine_has_work_while_a_request_is_decoded(tiny_model_dir):
+    model = load_causal_lm(tiny_model_dir, device="cpu", dtype="float32")
+    async with LocalEngine(model) as engine:
+        assert not engine.has_work()
+        task = asyncio.create_task(engine.generate(GenerateRequest(
+            rid="r", input_ids=[5, 6, 7], sampling=SamplingParams(max_new_tokens=64,
+                                                                  temperature=1.0,
+                                                                  ignore_eos=True))))
+        await asyncio.sleep(0)
+        assert engine.has_work()
+        await task
+        assert not engine.has_work()

@@ -307,6 +307,21 @@ def test_proximal_from_forward_equals_recomputed(model):
         torch.testing.assert_close(g, first_grads[1][name], rtol=1e-5, atol=1e-7)
 
 
+def test_train_step_calls_on_microbatch_before_every_micro_batch(model):
+    """The hook a core split uses to hand the learner more threads: once per micro-batch
+    on the learner's thread, the proximal forward's included (here 8 rows of 12 tokens
+    in 24-token micro-batches: 4 for the proximal logprobs that two minibatches need,
+    then 2 per minibatch update), and not at all after the step."""
+    learner = make_learner(model, max_tokens_per_microbatch=24, num_minibatches=2,
+                           fast_forward=False)
+    samples = on_policy(learner, make_samples([12] * 8, [1.0, 0.0] * 4, seed=5))
+    calls = []
+    learner.train_step([samples], on_microbatch=lambda: calls.append(1))
+    assert len(calls) == 8
+    learner.train_step([samples])
+    assert len(calls) == 8
+
+
 def test_bf16_compute_dtype_learns_and_keeps_fp32_master_weights(model):
     """`train.compute_dtype = "bfloat16"` autocasts forward/backward on the CPU; weights
     and optimizer state stay float32 and the logprobs stay close to the fp32 ones."""

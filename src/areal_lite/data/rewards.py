@@ -112,7 +112,8 @@ _NOISE = re.compile(r"[\s,$]|\\[,!;: $]|\\text\{[^}]*\}")  # spaces, thousands c
 
 
 def integer_reward(completion_text: str, reference_answer: str, format_reward: float = 0.0,
-                   unboxed_reward: float = 0.0, copied: Collection[int] = ()) -> float:
+                   unboxed_reward: float = 0.0, copied: Collection[int] = (),
+                   empty_reward: float = 0.0) -> float:
     """1.0 if the last \\boxed{} of the completion holds the reference integer ("42",
     "1,234", "42.0"; the reference may be a GSM8K answer "... #### 42"); `format_reward`
     if it holds some other integer, unless that integer is in `copied` (e.g. the numbers
@@ -120,8 +121,9 @@ def integer_reward(completion_text: str, reference_answer: str, format_reward: f
     teaches a policy to box the first number it reads); with no \\boxed{} at all,
     `unboxed_reward` if the last number of the text is the reference, else 0.0. A box
     left empty or holding no integer ("The answer is \\boxed{} 29", the instruction
-    copied) earns nothing: it must not be paid as an unboxed answer, or a policy learns
-    to copy the empty box. Pure and fast."""
+    copied) earns `empty_reward` (0.0 by default; a negative value pushes a policy off
+    it): it must not be paid as an unboxed answer, or a policy learns to copy the empty
+    box. Pure and fast."""
     ref = gsm8k_final_answer(reference_answer)
     if not _INTEGER.fullmatch(ref):
         raise ValueError(f"integer_reward needs an integer reference answer, got {reference_answer!r}")
@@ -133,7 +135,7 @@ def integer_reward(completion_text: str, reference_answer: str, format_reward: f
             return 1.0
         return 0.0 if answer in copied else format_reward
     if boxed is not None or "\\boxed" in completion_text:
-        return 0.0
+        return empty_reward
     numbers = _NUMBER.findall(completion_text.replace(",", ""))
     return unboxed_reward if numbers and float(numbers[-1]) == float(ref) else 0.0
 

@@ -219,9 +219,13 @@ class Leader:
     def step(self) -> int:
         return self.learner.step
 
-    def train_step(self, groups, *, current_version: int = 0) -> dict[str, float]:
+    def train_step(self, groups, *, current_version: int = 0,
+                   on_microbatch=None) -> dict[str, float]:
+        """`on_microbatch` runs on rank 0 only: the rank that shares this process's cores
+        with a local engine."""
         self.dist.broadcast(("train", (list(map(list, groups)), current_version)))
-        return self.learner.train_step(groups, current_version=current_version)
+        return self.learner.train_step(groups, current_version=current_version,
+                                       on_microbatch=on_microbatch)
 
     def full_weights(self) -> list[tuple[str, torch.Tensor]]:
         """The whole model as full tensors on rank 0 (gathered one parameter at a time)."""

@@ -40,7 +40,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 from areal_lite.config import AlgorithmConfig, LearnerConfig
-from areal_lite.models import torch_dtype
+from areal_lite.models import autocast_dtype
 from areal_lite.train.algorithms import (
     advantage_inputs,
     filter_groups,
@@ -107,7 +107,8 @@ class Learner:
 
     `model` is a Hugging Face causal LM (moved to `device`; keep its parameters float32
     as master weights). The autocast compute dtype is `dtype` when given, else
-    `cfg.compute_dtype` ("auto" = bfloat16 on CUDA, float32 without autocast elsewhere).
+    `cfg.compute_dtype` ("auto" = bfloat16 on CUDA, float32 without autocast elsewhere;
+    "fast" = bfloat16 on CPUs with AMX too: models.autocast_dtype).
     `ref_model` is the frozen reference for the KL penalty, required when
     `algo.kl_coef > 0`. `max_new_tokens` is the rollout limit,
     needed by the `seq_mean_token_sum` aggregation. Dropout should be 0 (as in all
@@ -132,9 +133,10 @@ class Learner:
         self.ref_model = None if ref_model is None else \
             ref_model.to(self.device).eval().requires_grad_(False)
         if dtype is None:
-            dtype = torch_dtype(cfg.compute_dtype, self.device)
+            dtype = autocast_dtype(cfg.compute_dtype, self.device)
         self.dtype = dtype
         self.dist = dist
+        self._on_microbatch: Callable[[], None] | None = None  # set for one train_step
         if dist is not None:
             shard_model(self.model, dtype)
             self.dtype = torch.float32  # FSDP2 gathers parameters in `dtype`: no autocast
@@ -194,6 +196,7 @@ class Learner:
                 if split is not None:
                     for mb, prefix in prefix_microbatches(
                             ids, self.cfg.max_tokens_per_microbatch, self.cfg.packing):
+                        self._before_microbatch()
                         rows = [torch.as_tensor(ids[i], dtype=torch.long) for i in mb]
                         attn = [torch.ones(len(r), dtype=torch.long) for r in rows]
                         logp, _ = trained_logprobs(
@@ -207,6 +210,7 @@ class Learner:
                     return out
                 for mb in make_microbatches(lengths, self.cfg.max_tokens_per_microbatch,
                                             self.cfg.packing):
+                    self._before_microbatch()
                     rows = [torch.as_tensor(ids[i], dtype=torch.long) for i in mb]
                     attn = [torch.ones(len(r), dtype=torch.long) for r in rows]
                     logp = sequence_logprobs(
@@ -221,14 +225,28 @@ class Learner:
 
     # -- training --------------------------------------------------------------------
 
-    def train_step(self, groups: Sequence[Sequence[Sample]], *, current_version: int = 0
-                   ) -> dict[str, float]:
+    def train_step(self, groups: Sequence[Sequence[Sample]], *, current_version: int = 0,
+                   on_microbatch: Callable[[], None] | None = None) -> dict[str, float]:
         """One train step on a batch of groups (one group = samples of one prompt).
 
         Runs ppo_epochs x num_minibatches optimizer updates at the lr of this step.
         `current_version` is the policy's weight version, for the staleness stat.
+        `on_microbatch` is called on this thread before every micro-batch's forward (the
+        trainer's core split hands the learner more threads there: engine/local/threads.py).
         Returns floats for logging (see the module docstring for the flow).
         """
+        self._on_microbatch = on_microbatch
+        try:
+            return self._train_step(groups, current_version)
+        finally:
+            self._on_microbatch = None
+
+    def _before_microbatch(self) -> None:
+        if self._on_microbatch is not None:
+            self._on_microbatch()
+
+    def _train_step(self, groups: Sequence[Sequence[Sample]], current_version: int
+                    ) -> dict[str, float]:
         start = time.perf_counter()
         lr = self.cfg.lr * lr_multiplier(self.step, self.cfg)
         for group in self.optimizer.param_groups:
@@ -333,6 +351,7 @@ class Learner:
 
     def _micro_step(self, mb: Micro, normalizer: float, scale: float = 1.0,
                     prefix: int = 0) -> dict[str, float]:
+        self._before_microbatch()
         split = self._split(self.model)
         if split is not None:
             with self._autocast():

@@ -258,6 +258,11 @@ class LocalEngine:
                 self.prefix_cache.clear()
             self._version = version
 
+    def has_work(self) -> bool:
+        """Whether a request is waiting or being decoded (safe to read from any thread:
+        a snapshot, which a core split re-reads before every learner micro-batch)."""
+        return bool(self._waiting) or bool(self._batch.seqs)
+
     async def run_on_step_thread(self, fn, *args):
         """Run the blocking `fn(*args)` on the engine's step thread between steps; return
         its result. For torch work sharing a small CPU with the engine: a thread's parallel

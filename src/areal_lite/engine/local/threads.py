@@ -11,11 +11,14 @@ stops spinning once pools outnumber cores, so every later op also pays wake-ups.
 step thread gets `engine` threads and the learner `learner = num_cores - engine`;
 `run_learner` sets both (the engine's between two steps, on its own thread) and gives
 the engine every core back when the update ends, so generation alone (synchronous RL,
-or the wait for a batch) is not slowed. It is off by default (`rollout.local.engine_threads = -1`): when generation is
-much cheaper than the update (2 cores, SmolLM2, 8 x 8 samples: ~28 s vs ~90 s), the
-engine finishes the next batch early in the update and then idles while the learner
-is held to its share, so a split can lengthen the step; measure with
-`benchmarks/vs_trl.py --areal-override rollout.local.engine_threads=0` first.
+or the wait for a batch) is not slowed. Before every micro-batch the learner's
+`Rebalancer` takes all `num_cores` threads while the engine has nothing to decode (it
+finished what it may run ahead), so a split never holds the learner to its share next
+to an idle core. Measured on 2 cores (a VM without AMX): matmul loops shaped like the
+two sides ran at 55% (learner) + 35% (engine) of their solo speeds with 2 threads each,
+at 59% + 75% with 1 each; the word-problem recipe's updates took ~60 s instead of ~72 s
+with the engine still keeping ahead. It is off by default
+(`rollout.local.engine_threads = -1`), on in `examples/wordproblems/cpu.toml`.
 A split only makes sense when the two overlap:
 `plan_split` returns None (torch defaults, nothing changed) for synchronous RL, on
 CUDA, or with a single core.
@@ -34,7 +37,7 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["CoreSplit", "plan_split", "run_learner", "set_thread_count"]
+__all__ = ["CoreSplit", "Rebalancer", "plan_split", "run_learner", "set_thread_count"]
 
 T = TypeVar("T")
 
@@ -81,6 +84,23 @@ def plan_split(engine_threads: int, *, overlapped: bool, device: str,
     return CoreSplit(num_cores=num_cores, engine=engine, learner=num_cores - engine)
 
 
+class Rebalancer:
+    """The learner's `on_microbatch` hook under a split: before each micro-batch, on the
+    learner's own thread, all `num_cores` threads while `engine_busy()` says the engine
+    has nothing to generate (it finished the batches it may run ahead and would leave a
+    core idle), the learner's share while it generates. Counts the micro-batches."""
+
+    def __init__(self, split: CoreSplit, engine_busy: Callable[[], bool]) -> None:
+        self.split, self.engine_busy = split, engine_busy
+        self.calls = self.all_cores = 0
+
+    def __call__(self) -> None:
+        busy = self.engine_busy()
+        set_thread_count(self.split.learner if busy else self.split.num_cores)
+        self.calls += 1
+        self.all_cores += not busy
+
+
 def _with_count(n: int, fn: Callable[..., T], args: tuple, kwargs: dict) -> T:
     set_thread_count(n)
     return fn(*args, **kwargs)
@@ -89,12 +109,22 @@ def _with_count(n: int, fn: Callable[..., T], args: tuple, kwargs: dict) -> T:
 async def run_learner(split: CoreSplit | None, engine: Any, fn: Callable[..., T],
                       *args: Any, **kwargs: Any) -> T:
     """`await asyncio.to_thread(fn, *args, **kwargs)` with the cores split as `split` says
-    while it runs (`engine` is a started `LocalEngine`); `split` None changes nothing."""
+    while it runs (`engine` is a started `LocalEngine`); `split` None changes nothing.
+
+    Under a split `fn` also gets `on_microbatch=` a `Rebalancer` (a learner's
+    `train_step` takes it), so the learner takes every core back whenever the engine is
+    idle; a dict result gains "learner_all_cores_frac", the share of micro-batches that
+    ran on all cores."""
     if split is None:
         return await asyncio.to_thread(fn, *args, **kwargs)
     await engine.run_on_step_thread(set_thread_count, split.engine)
+    rebalance = Rebalancer(split, engine.has_work)
     try:
-        return await asyncio.to_thread(_with_count, split.learner, fn, args, kwargs)
+        result = await asyncio.to_thread(_with_count, split.learner, fn, args,
+                                         {**kwargs, "on_microbatch": rebalance})
+        if isinstance(result, dict):
+            result["learner_all_cores_frac"] = rebalance.all_cores / max(rebalance.calls, 1)
+        return result
     finally:
         task = asyncio.current_task()
         if task is None or not task.cancelling():  # cancelled: the engine is closing anyway
