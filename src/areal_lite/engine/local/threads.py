@@ -15,10 +15,11 @@ or the wait for a batch) is not slowed. Before every micro-batch the learner's
 `Rebalancer` takes all `num_cores` threads while the engine has nothing to decode (it
 finished what it may run ahead), so a split never holds the learner to its share next
 to an idle core. Measured on 2 cores (a VM without AMX): matmul loops shaped like the
-two sides ran at 55% (learner) + 35% (engine) of their solo speeds with 2 threads each,
-at 59% + 75% with 1 each; the word-problem recipe's updates took ~60 s instead of ~72 s
-with the engine still keeping ahead. It is off by default
-(`rollout.local.engine_threads = -1`), on in `examples/wordproblems/cpu.toml`.
+two sides ran at 54% (learner) + 34% (engine) of their solo speeds with 2 threads each,
+at 53% + 70% with 1 each (benchmarks/core_split.py); the word-problem recipe's updates
+took 58 s instead of 67 s on average with the engine still keeping ahead, and the
+asynchronous step of benchmarks/vs_trl.py 62 s (73-81 s in three earlier runs without).
+It is off by default (`rollout.local.engine_threads = -1`), on in both CPU recipes.
 A split only makes sense when the two overlap:
 `plan_split` returns None (torch defaults, nothing changed) for synchronous RL, on
 CUDA, or with a single core.
