@@ -26,6 +26,8 @@ import time
 
 import torch
 
+from areal_lite.engine.local.threads import set_thread_count
+
 
 def _learner_work():
     layers = torch.nn.Sequential(*[torch.nn.Linear(576, 1536), torch.nn.Linear(1536, 576)] * 6)
@@ -46,7 +48,7 @@ def _engine_work():
 
 def _rate(work, threads: int, seconds: float, out: dict, key: str) -> None:
     """Run `work` on this thread with `threads` torch threads for `seconds`: calls/s."""
-    torch.set_num_threads(threads)
+    set_thread_count(threads)  # this thread's own count, as the trainer sets each side's
     work()  # warm-up: this thread's OpenMP pool
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:

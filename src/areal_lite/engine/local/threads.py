@@ -87,9 +87,9 @@ def plan_split(engine_threads: int, *, overlapped: bool, device: str,
 
 class Rebalancer:
     """The learner's `on_microbatch` hook under a split: before each micro-batch, on the
-    learner's own thread, all `num_cores` threads while `engine_busy()` says the engine
-    has nothing to generate (it finished the batches it may run ahead and would leave a
-    core idle), the learner's share while it generates. Counts the micro-batches."""
+    learner's own thread, the learner's share of threads while `engine_busy()` is true,
+    all `num_cores` while it is false (the engine finished the batches it may run ahead
+    and would leave a core idle). Counts the micro-batches and the all-core ones."""
 
     def __init__(self, split: CoreSplit, engine_busy: Callable[[], bool]) -> None:
         self.split, self.engine_busy = split, engine_busy
