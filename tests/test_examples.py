@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from examples.gsm8k.agent import EXAMPLES, MathAgent, build_messages  # noqa: E402
-from examples.wordproblems.agent import HINT, PROMPT, RETRY, WordProblemAgent  # noqa: E402
+from examples.wordproblems.agent import HINT, HINTS, PROMPT, RETRY, WordProblemAgent  # noqa: E402
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").rglob("*.toml")), ids=lambda p: p.name)
@@ -227,11 +227,43 @@ def test_agent_can_penalize_the_instructions_empty_box():
 
 
 def test_worked_example_is_a_training_problem_in_a_training_phrasing():
-    from areal_lite.data.wordproblems import TRAIN_TEMPLATES, _is_eval_key, problem_key
+    from areal_lite.data.wordproblems import (
+        TRAIN_TEMPLATES,
+        _is_eval_key,
+        problem_key,
+        worked_steps,
+    )
 
     template = TRAIN_TEMPLATES["add"][0]
-    assert HINT[0] == template.format(name="Tom", item="apples", a=4, b=5)
-    assert not _is_eval_key(problem_key("add", 4, 5))
+    assert HINT == HINTS["add"] and HINT[0] == template.format(name="Tom", item="apples", a=4, b=5)
+    assert HINT[1] == "4 + 5 = 9. The answer is \\boxed{9}."
+    assert set(HINTS) == set(TRAIN_TEMPLATES)
+    for kind, (question, answer) in HINTS.items():
+        numbers = [int(n) for n in re.findall(r"\d+", question)]
+        a, b, c = (numbers + [0])[:3]
+        assert question == TRAIN_TEMPLATES[kind][0].format(name="Tom", item="apples", a=a, b=b, c=c)
+        assert not _is_eval_key(problem_key(kind, a, b, c)), kind
+        steps, result = worked_steps(kind, a, b, c)
+        assert answer == ". ".join(steps) + f". The answer is \\boxed{{{result}}}."
+
+
+def test_worked_example_matches_the_question_kind():
+    """A hinted training question is shown the worked example of its own kind (a product
+    before a product) with `hint_by_kind`; without it, or for a row without a kind, the
+    addition."""
+    from areal_lite.data.prompts import load_dataset_rows
+
+    agent = WordProblemAgent(hint_prob=1.0, hint_by_kind=True)
+    rows = load_dataset_rows("wordproblems:60", split="train", seed=3)
+    assert all(WordProblemAgent(hint_prob=1.0).first_messages(r)[1]["content"] == HINT[1]
+               for r in rows)
+    assert len({r["kind"] for r in rows}) == 6
+    for row in rows:
+        messages = agent.first_messages(row)
+        assert messages[1]["content"] == HINTS[row["kind"]][1]
+        assert messages[0]["content"] == PROMPT.format(question=HINTS[row["kind"]][0])
+    bare = agent.first_messages({"question": "1 + 2?", "answer": "#### 3", "split": "train"})
+    assert bare[1]["content"] == HINT[1]
 
 
 def _word_cfg(tiny_model_dir, tmp_path, max_tokens: int = 6, hint_prob: float = 0.0,

@@ -15,7 +15,9 @@ of a later turn's reward back to the earlier ones.
 
 The prompt is the plain instruction: no worked example, no system prompt. Training
 only (rows whose `split` is "train"), a share `hint_prob` of the questions first shows one
-worked example (a share that falls linearly to `hint_floor` over the first
+worked example: the addition `HINT`, or with `hint_by_kind` one of the question's own
+kind (`HINTS`: a product before a product, a product and a sum before "a*b + c"; two
+runs with it, both at 0.0, are in the README) (a share that falls linearly to `hint_floor` over the first
 `hint_decay_episodes` training episodes when that is set), so that a small model that
 never boxes its answer unprompted (SmolLM2-135M boxes 0 of 30 eval answers) samples some
 boxed answers to learn from; eval rows never get it. The draw is made per question, not
@@ -31,29 +33,45 @@ import re
 from openai import AsyncOpenAI
 
 from areal_lite.data.rewards import integer_reward
+from areal_lite.data.wordproblems import KINDS, TRAIN_TEMPLATES, worked_steps
 
 PROMPT = "{question}\nPut the final answer in \\boxed{{}}."
 RETRY = "That is not right, try again. Put the final answer in \\boxed{}."
-# A training-template problem (data/wordproblems.py TRAIN_TEMPLATES["add"][0]) and its answer.
-HINT = ("Tom has 4 apples. Tom finds 5 more apples. How many apples does Tom have now?",
-        "4 + 5 = 9. The answer is \\boxed{9}.")
+# The worked example per kind of problem: a training problem (its key is not an eval key; a
+# test checks) in the kind's first training phrasing, and its answer in the format asked for.
+_HINT_NUMBERS = {"add": (4, 5, 0), "sub": (9, 3, 0), "mul": (3, 4, 0), "mul_add": (2, 5, 3),
+                 "add_sub": (7, 4, 2), "mul_sub": (3, 4, 2)}
 
 
-def build_messages(question: str, hint: bool = False) -> list[dict]:
+def _worked_example(kind: str) -> tuple[str, str]:
+    a, b, c = _HINT_NUMBERS[kind]
+    steps, result = worked_steps(kind, a, b, c)
+    question = TRAIN_TEMPLATES[kind][0].format(name="Tom", item="apples", a=a, b=b, c=c)
+    return question, ". ".join(steps) + f". The answer is \\boxed{{{result}}}."
+
+
+HINTS: dict[str, tuple[str, str]] = {kind: _worked_example(kind) for kind in KINDS}
+HINT = HINTS["add"]  # rows without a known "kind" (another dataset) are shown this one
+
+
+def build_messages(question: str, hint: bool = False, kind: str = "add") -> list[dict]:
     """The first turn's chat: one user message, the question and the answer format;
-    with `hint`, after one worked example (a user turn and its answer)."""
+    with `hint`, after one worked example of the same `kind` (a user turn and its
+    answer), so the example shows the operation the question needs."""
     ask = [{"role": "user", "content": PROMPT.format(question=question)}]
     if not hint:
         return ask
-    return [{"role": "user", "content": PROMPT.format(question=HINT[0])},
-            {"role": "assistant", "content": HINT[1]}, *ask]
+    shown_q, shown_a = HINTS.get(kind, HINT)
+    return [{"role": "user", "content": PROMPT.format(question=shown_q)},
+            {"role": "assistant", "content": shown_a}, *ask]
 
 
 class WordProblemAgent:
     def __init__(self, model: str = "default", max_tokens: int = 64, temperature: float = 1.0,
                  max_turns: int = 3, format_reward: float = 0.0, unboxed_reward: float = 0.0,
                  hint_prob: float = 0.0, hint_decay_episodes: int = 0, hint_floor: float = 0.0,
-                 empty_box_reward: float = 0.0, seed: int = 0) -> None:
+                 empty_box_reward: float = 0.0, hint_by_kind: bool = False,
+                 seed: int = 0) -> None:
         if max_turns < 1:
             raise ValueError(f"agent_kwargs.max_turns must be >= 1, got {max_turns}")
         if not 0.0 <= format_reward < 1.0:
@@ -75,7 +93,7 @@ class WordProblemAgent:
         self.max_turns, self.format_reward = max_turns, format_reward
         self.unboxed_reward, self.hint_prob = unboxed_reward, hint_prob
         self.hint_decay_episodes, self.hint_floor, self.seed = hint_decay_episodes, hint_floor, seed
-        self.empty_box_reward = empty_box_reward
+        self.empty_box_reward, self.hint_by_kind = empty_box_reward, hint_by_kind
         self._train_episodes = 0  # training episodes begun by this agent (the hint schedule)
 
     async def run(self, data: dict, **kwargs) -> dict[str, float]:
@@ -114,7 +132,8 @@ class WordProblemAgent:
         draw = random.Random(f"{self.seed}:{data['question']}").random()
         hint = draw < self.current_hint_prob()
         self._train_episodes += 1
-        return build_messages(data["question"], hint)
+        kind = data.get("kind", "add") if self.hint_by_kind else "add"
+        return build_messages(data["question"], hint, kind)
 
     def score(self, text: str, data: dict, turn: int) -> float:
         """Turn `turn`'s (0-based) reward: 1.0 right in \\boxed{}, `format_reward` for

@@ -205,7 +205,8 @@ class LocalEngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
     fused_forward: bool = True  # Llama-family: decode + prefill in one own pass; false = HF forward
     # CPU, asynchronous RL: the learner gets the other torch threads while it runs (all
     # of them while the engine is idle), the engine all back after (engine/local/threads.py)
-    engine_threads: Annotated[int, msgspec.Meta(ge=-1)] = -1  # during updates; -1 = no split, 0 = 1
+    # -1 = no split, 0 = auto (1 engine thread, the learner the rest), N = N engine threads
+    engine_threads: Annotated[int, msgspec.Meta(ge=-1)] = 0
 
 
 class SGLangConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

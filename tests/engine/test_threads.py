@@ -33,6 +33,20 @@ def test_plan_split_only_when_the_two_sides_overlap_on_a_cpu():
         plan_split(-2, overlapped=True, device="cpu", num_cores=2)
 
 
+def test_the_split_is_on_by_default():
+    """Default config: one decode thread during an asynchronous CPU update (measured on
+    2 cores); -1 turns it off."""
+    from areal_lite.config_toml import loads_config
+
+    cfg = loads_config("", [])
+    assert cfg.rollout.local.engine_threads == 0
+    assert plan_split(cfg.rollout.local.engine_threads, overlapped=True, device="cpu",
+                      num_cores=2) == CoreSplit(2, 1, 1)
+    off = loads_config("", ["rollout.local.engine_threads=-1"])
+    assert plan_split(off.rollout.local.engine_threads, overlapped=True, device="cpu",
+                      num_cores=2) is None
+
+
 def test_thread_counts_are_per_thread():
     seen = {}
 

@@ -32,6 +32,7 @@ __all__ = [
     "TRAIN_TEMPLATES",
     "generate_word_problems",
     "problem_key",
+    "worked_steps",
 ]
 
 DEFAULT_WORD_PROBLEM_ROWS = {"train": 3000, "eval": 80}  # rows per split for "wordproblems"
@@ -43,7 +44,7 @@ _NAMES = ("Tom", "Ana", "Liam", "Mia", "Noah", "Zoe", "Omar", "Lena", "Ravi", "S
 _ITEMS = ("apples", "marbles", "stickers", "pencils", "cookies", "cards", "shells", "books",
           "stamps", "buttons", "oranges", "crayons", "coins", "beads")
 
-# Fields: {name}, {item}, {a}, {b}, {c}. The kind fixes the arithmetic (see `_answer`).
+# Fields: {name}, {item}, {a}, {b}, {c}. The kind fixes the arithmetic (see `worked_steps`).
 TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
     "add": (
         "{name} has {a} {item}. {name} finds {b} more {item}. How many {item} does {name} have now?",
@@ -149,8 +150,8 @@ def _numbers(rng: random.Random, kind: str, level: int) -> _Numbers:
     return a, b, rng.randint(1, a * b if kind == "mul_sub" else 30)
 
 
-def _answer(kind: str, a: int, b: int, c: int) -> tuple[list[str], int]:
-    """The worked steps and the result of one problem."""
+def worked_steps(kind: str, a: int, b: int, c: int = 0) -> tuple[list[str], int]:
+    """The worked steps ("4 + 5 = 9") and the result of one problem of `kind`."""
     if kind == "add":
         return [f"{a} + {b} = {a + b}"], a + b
     if kind == "sub":
@@ -214,7 +215,7 @@ def generate_word_problems(
         misses = 0
         question = templates[kind][t].format(name=rng.choice(_NAMES), item=rng.choice(_ITEMS),
                                              a=a, b=b, c=c)
-        steps, result = _answer(kind, a, b, c)
+        steps, result = worked_steps(kind, a, b, c)
         qid = hashlib.sha1(question.encode()).hexdigest()[:12]
         rows.append({"question": question, "answer": "\n".join(steps) + f"\n#### {result}",
                      "level": level, "kind": kind, "template": f"{split}/{kind}/{t}",

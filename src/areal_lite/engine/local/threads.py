@@ -19,7 +19,8 @@ two sides ran at 54% (learner) + 34% (engine) of their solo speeds with 2 thread
 at 53% + 70% with 1 each (benchmarks/core_split.py); the word-problem recipe's updates
 took 58 s instead of 67 s on average with the engine still keeping ahead, and the
 asynchronous step of benchmarks/vs_trl.py 62 s (73-81 s in three earlier runs without).
-It is off by default (`rollout.local.engine_threads = -1`), on in both CPU recipes.
+It is on by default (`rollout.local.engine_threads = 0`: one thread for the engine;
+-1 turns it off).
 A split only makes sense when the two overlap:
 `plan_split` returns None (torch defaults, nothing changed) for synchronous RL, on
 CUDA, or with a single core.
