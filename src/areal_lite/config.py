@@ -205,8 +205,7 @@ class LocalEngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
     fused_forward: bool = True  # Llama-family: decode + prefill in one own pass; false = HF forward
     # CPU, asynchronous RL: the learner gets the other torch threads while it runs (all
     # of them while the engine is idle), the engine all back after (engine/local/threads.py)
-    # -1 = no split, 0 = auto (1 engine thread, the learner the rest), N = N engine threads
-    engine_threads: Annotated[int, msgspec.Meta(ge=-1)] = 0
+    engine_threads: Annotated[int, msgspec.Meta(ge=-1)] = 0  # -1 off, 0 = 1 engine thread, N = N
 
 
 class SGLangConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -245,7 +245,13 @@ class Leader:
         return {"step": self.learner.step, "sharded": "dcp"}
 
     def stop(self) -> None:
+        """The followers leave their command loop; every rank then meets at a barrier and
+        tears its process group down, so no rank exits while another still talks to it
+        (one that exited with its gloo group alive once took a follower down with
+        SIGABRT, "terminate called without an active exception")."""
         self.dist.broadcast(("stop", None))
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def serve_followers(learner, d: Dist) -> None:
@@ -264,6 +270,7 @@ def serve_followers(learner, d: Dist) -> None:
             load_sharded(learner.model, learner.optimizer, arg[0])
             learner.step = arg[1]
         elif op == "stop":
+            dist.barrier()  # met by Leader.stop; the caller then destroys the group
             return
         else:
             raise RuntimeError(f"unknown learner command {op!r} from rank 0")
