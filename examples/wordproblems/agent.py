@@ -15,10 +15,11 @@ of a later turn's reward back to the earlier ones.
 
 The prompt is the plain instruction: no worked example, no system prompt. Training
 only (rows whose `split` is "train"), a share `hint_prob` of the questions first shows one
-worked example: the addition `HINT`, or with `hint_by_kind` one of the question's own
-kind (`HINTS`: a product before a product, a product and a sum before "a*b + c"; two
-runs with it, both at 0.0, are in the README) (a share that falls linearly to `hint_floor` over the first
-`hint_decay_episodes` training episodes when that is set), so that a small model that
+worked example (a share that falls linearly to `hint_floor` over the first
+`hint_decay_episodes` training episodes when that is set): the addition `HINT`, or with
+`hint_by_kind` one of the question's own kind (`HINTS`: a product before a product, a
+product and a sum before "a*b + c"; the two runs with it, both at 0.0, are in the
+README). It is there so that a small model that
 never boxes its answer unprompted (SmolLM2-135M boxes 0 of 30 eval answers) samples some
 boxed answers to learn from; eval rows never get it. The draw is made per question, not
 per episode, so the episodes of one GRPO group share their prompt and are compared like
